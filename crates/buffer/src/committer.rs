@@ -1,0 +1,527 @@
+//! The buffer's single writer. Every change goes through here, in order, so
+//! records, counters and bookkeeping never disagree; appends that arrive
+//! together share one sled batch and one fsync (group commit).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::sync::{oneshot, watch};
+
+use crate::keys;
+use crate::{
+    BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Incoming, Levels, Outcome,
+};
+
+type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
+
+pub(crate) enum Op {
+    Append {
+        records: Vec<Incoming>,
+        reply: Reply<Vec<Outcome>>,
+    },
+    DeadLetter(DeadLetter),
+    Ack {
+        through: u64,
+        reply: Reply<()>,
+    },
+    Anchor {
+        stored_through: u64,
+        reply: Reply<AnchorOutcome>,
+    },
+    ReserveSent {
+        last_seq: u64,
+        reply: Reply<()>,
+    },
+    SetLimits {
+        max_bytes: u64,
+        when_full: FullPolicy,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What [`crate::Buffer::anchor`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnchorOutcome {
+    /// The buffer was already aligned with the ingest.
+    Unchanged,
+    /// Sequence numbers were shifted up by this much (a fresh buffer meeting
+    /// an ingest that already stored records of this agent).
+    Shifted(u64),
+}
+
+pub(crate) struct Committer {
+    tree: sled::Db,
+    options: BufferOptions,
+    levels: Levels,
+    levels_tx: watch::Sender<Levels>,
+    counters: Arc<Counters>,
+    sent_reserved: u64,
+    dead_count: u64,
+    dead_n: u64,
+    /// An append waiting for room under the `Block` policy.
+    stalled: Option<Op>,
+}
+
+#[derive(Default)]
+struct Group {
+    batch: sled::Batch,
+    needs_flush: bool,
+    records: usize,
+    appended: u64,
+    appends: Vec<(Reply<Vec<Outcome>>, Vec<Outcome>)>,
+    done: Vec<Reply<()>>,
+    dedupe: HashMap<Vec<u8>, [u8; 16]>,
+    /// Records already deleted in this (unapplied) batch, by acks and drops.
+    ack_floor: u64,
+    drop_cursor: u64,
+    dead: Vec<DeadLetter>,
+}
+
+impl Committer {
+    pub fn new(
+        tree: sled::Db,
+        options: BufferOptions,
+        levels: Levels,
+        levels_tx: watch::Sender<Levels>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let sent_reserved = tree
+            .get(keys::META_SENT_RESERVED)
+            .ok()
+            .flatten()
+            .and_then(|v| keys::u64_value(&v))
+            .unwrap_or(0);
+        let dead_count = tree.scan_prefix([keys::DEAD]).count() as u64;
+        Self {
+            tree,
+            options,
+            levels,
+            levels_tx,
+            counters,
+            sent_reserved,
+            dead_count,
+            dead_n: 0,
+            stalled: None,
+        }
+    }
+
+    /// `control` carries acks and bookkeeping, `appends` the sources' records.
+    /// They are separate so that acks still get through while an append is
+    /// stalled for room under the `Block` policy.
+    pub fn run(mut self, control: flume::Receiver<Op>, appends: flume::Receiver<Op>) {
+        loop {
+            let mut group = Group {
+                ack_floor: self.levels.acked_through,
+                ..Group::default()
+            };
+            let mut barrier = None;
+            // Wait for work: while stalled only control ops can help.
+            let first = if self.stalled.is_some() {
+                match control.recv_timeout(Duration::from_millis(100)) {
+                    Ok(op) => Some(op),
+                    Err(flume::RecvTimeoutError::Timeout) => None,
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match flume::Selector::new()
+                    .recv(&control, |r| r)
+                    .recv(&appends, |r| r)
+                    .wait()
+                {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            };
+            if let Some(op) = first {
+                self.route(op, &mut group, &mut barrier);
+            }
+            while barrier.is_none() {
+                match control.try_recv() {
+                    Ok(op) => self.route(op, &mut group, &mut barrier),
+                    Err(_) => break,
+                }
+            }
+            if barrier.is_none() {
+                if let Some(op) = self.stalled.take() {
+                    self.process(op, &mut group);
+                }
+            }
+            let deadline = Instant::now() + self.options.flush_max_delay;
+            while barrier.is_none()
+                && self.stalled.is_none()
+                && group.records < self.options.flush_max_records
+            {
+                let next = match appends.try_recv() {
+                    Ok(op) => op,
+                    Err(flume::TryRecvError::Empty) if group.appended > 0 => {
+                        match flume::Selector::new()
+                            .recv(&control, |r| r)
+                            .recv(&appends, |r| r)
+                            .wait_deadline(deadline)
+                        {
+                            Ok(Ok(op)) => op,
+                            _ => break,
+                        }
+                    }
+                    Err(_) => break,
+                };
+                self.route(next, &mut group, &mut barrier);
+            }
+            self.commit(group);
+            match barrier {
+                Some(Op::Close { reply }) => {
+                    let _ = self.tree.flush();
+                    let _ = reply.send(());
+                    return;
+                }
+                Some(Op::Anchor {
+                    stored_through,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.anchor(stored_through));
+                }
+                _ => {}
+            }
+        }
+        let _ = self.tree.flush();
+    }
+
+    /// Close and Anchor end the group (they must see everything before them
+    /// committed); everything else joins it.
+    fn route(&mut self, op: Op, group: &mut Group, barrier: &mut Option<Op>) {
+        match op {
+            op @ (Op::Close { .. } | Op::Anchor { .. }) => *barrier = Some(op),
+            op => self.process(op, group),
+        }
+    }
+
+    fn process(&mut self, op: Op, group: &mut Group) {
+        match op {
+            Op::Append { records, reply } => self.append(records, reply, group),
+            Op::DeadLetter(letter) => group.dead.push(letter),
+            Op::Ack { through, reply } => {
+                self.ack(through, group);
+                group.done.push(reply);
+            }
+            Op::ReserveSent { last_seq, reply } => {
+                // Exactly what is about to be sent: reserving ahead would make
+                // unsent records undroppable. The write joins the current
+                // group's fsync, so under load it costs no extra flush.
+                if last_seq > self.sent_reserved {
+                    self.sent_reserved = last_seq;
+                    group
+                        .batch
+                        .insert(keys::META_SENT_RESERVED, &self.sent_reserved.to_be_bytes());
+                    group.needs_flush = true;
+                }
+                group.done.push(reply);
+            }
+            Op::SetLimits {
+                max_bytes,
+                when_full,
+            } => {
+                self.options.max_bytes = max_bytes;
+                self.options.when_full = when_full;
+            }
+            Op::Close { reply } => {
+                // Only reached if routing changes; never lose the reply.
+                let _ = reply.send(());
+            }
+            Op::Anchor { reply, .. } => {
+                let _ = reply.send(Err(BufferError::Closed));
+            }
+        }
+    }
+
+    fn append(
+        &mut self,
+        mut records: Vec<Incoming>,
+        reply: Reply<Vec<Outcome>>,
+        group: &mut Group,
+    ) {
+        // Sizes with the sequence number set, as stored.
+        let seq_guess = self.levels.next_seq;
+        let total: u64 = records
+            .iter_mut()
+            .map(|r| {
+                r.record.seq = seq_guess;
+                r.record.encoded_len() as u64
+            })
+            .sum();
+        if total > self.options.max_bytes {
+            let _ = reply.send(Err(BufferError::TooLarge {
+                bytes: total,
+                cap: self.options.max_bytes,
+            }));
+            return;
+        }
+        if self.options.when_full == FullPolicy::Block
+            && self.levels.bytes + total > self.options.max_bytes
+        {
+            self.stalled = Some(Op::Append { records, reply });
+            return;
+        }
+        let mut outcomes = Vec::with_capacity(records.len());
+        for incoming in records {
+            if let Some(d) = &incoming.dedupe {
+                let key = keys::dedupe(&d.key);
+                let seen = match group.dedupe.get(&key) {
+                    Some(fp) => Some(*fp),
+                    None => self
+                        .tree
+                        .get(&key)
+                        .ok()
+                        .flatten()
+                        .and_then(|v| <[u8; 16]>::try_from(v.as_ref()).ok()),
+                };
+                if d.redelivery && seen == Some(d.fingerprint) {
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                group.batch.insert(key.as_slice(), &d.fingerprint);
+                group.dedupe.insert(key, d.fingerprint);
+            }
+            let mut record = incoming.record;
+            record.seq = self.levels.next_seq;
+            let value = record.encode_to_vec();
+            let size = value.len() as u64;
+            if self.levels.bytes + size > self.options.max_bytes && !self.make_room(size, group) {
+                self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
+                outcomes.push(Outcome::Dropped);
+                continue;
+            }
+            group.batch.insert(&keys::record(record.seq), value);
+            self.levels.next_seq += 1;
+            self.levels.records += 1;
+            self.levels.bytes += size;
+            group.records += 1;
+            group.appended += 1;
+            group.needs_flush = true;
+            outcomes.push(Outcome::Stored(record.seq));
+        }
+        group.appends.push((reply, outcomes));
+    }
+
+    /// `DropOldest`: deletes the oldest records that were never handed to the
+    /// uplink until `size` more bytes fit. False when that is not enough.
+    fn make_room(&mut self, size: u64, group: &mut Group) -> bool {
+        let from = self
+            .sent_reserved
+            .saturating_add(1)
+            .max(group.drop_cursor)
+            .max(self.levels.first_seq);
+        let mut dropped = 0u64;
+        let mut cursor = from;
+        for item in self.tree.range(keys::record(from)..keys::records_end()) {
+            if self.levels.bytes + size <= self.options.max_bytes {
+                break;
+            }
+            let Ok((key, value)) = item else { break };
+            let Some(seq) = keys::seq_of(&key) else { break };
+            group.batch.remove(key);
+            self.levels.bytes -= value.len() as u64;
+            self.levels.records -= 1;
+            dropped += 1;
+            cursor = seq + 1;
+        }
+        group.drop_cursor = cursor;
+        if dropped > 0 {
+            self.counters
+                .dropped_full
+                .fetch_add(dropped, Ordering::Relaxed);
+            tracing::warn!(dropped, "buffer full: dropped the oldest unsent records");
+        }
+        self.levels.bytes + size <= self.options.max_bytes
+    }
+
+    fn ack(&mut self, through: u64, group: &mut Group) {
+        let through = through.min(self.levels.next_seq.saturating_sub(1));
+        if through <= group.ack_floor {
+            return;
+        }
+        let from = group.ack_floor + 1;
+        for (key, value) in self
+            .tree
+            .range(keys::record(from)..=keys::record(through))
+            .flatten()
+        {
+            // Acked records were sent, so they are at or below the send
+            // reservation, and drops never touch those: no double count.
+            group.batch.remove(key);
+            self.levels.bytes -= value.len() as u64;
+            self.levels.records -= 1;
+        }
+        group.ack_floor = through;
+        self.levels.acked_through = through;
+    }
+
+    fn commit(&mut self, mut group: Group) {
+        for letter in std::mem::take(&mut group.dead) {
+            if let Ok(json) = serde_json::to_vec(&letter) {
+                self.dead_n += 1;
+                group
+                    .batch
+                    .insert(&keys::dead(letter.received_at_ns, self.dead_n), json);
+                self.dead_count += 1;
+            }
+        }
+        let l = self.levels;
+        group
+            .batch
+            .insert(keys::META_NEXT_SEQ, &l.next_seq.to_be_bytes());
+        group
+            .batch
+            .insert(keys::META_RECORDS, &l.records.to_be_bytes());
+        group.batch.insert(keys::META_BYTES, &l.bytes.to_be_bytes());
+        group
+            .batch
+            .insert(keys::META_ACKED, &l.acked_through.to_be_bytes());
+        let result = self.tree.apply_batch(group.batch).and_then(|()| {
+            if group.needs_flush {
+                self.tree.flush().map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => {
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .appended
+                    .fetch_add(group.appended, Ordering::Relaxed);
+                if group.needs_flush {
+                    self.levels.durable_through = self.levels.next_seq - 1;
+                }
+                self.levels.first_seq = self.first_seq();
+                self.levels_tx.send_replace(self.levels);
+                for (reply, outcomes) in group.appends {
+                    let _ = reply.send(Ok(outcomes));
+                }
+                for reply in group.done {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, dir = %self.options.buffer_dir().display(), "buffer write failed (is the disk full?); sources will retry");
+                let message = e.to_string();
+                for (reply, _) in group.appends {
+                    let _ = reply.send(Err(BufferError::WriteFailed(message.clone())));
+                }
+                for reply in group.done {
+                    let _ = reply.send(Err(BufferError::WriteFailed(message.clone())));
+                }
+                // Whether the batch reached sled's memory is unknown; keep the
+                // levels (never reuse a sequence number) but do not call
+                // anything durable until a later flush succeeds. Slow down so
+                // a failing disk is not hammered.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        self.trim_dead_letters();
+    }
+
+    fn first_seq(&self) -> u64 {
+        if self.levels.records == 0 {
+            return 0;
+        }
+        self.tree
+            .range(keys::records_start()..=keys::records_end())
+            .next()
+            .and_then(|item| item.ok())
+            .and_then(|(key, _)| keys::seq_of(&key))
+            .unwrap_or(0)
+    }
+
+    fn trim_dead_letters(&mut self) {
+        while self.dead_count > u64::from(self.options.dead_letter_max) {
+            match self.tree.scan_prefix([keys::DEAD]).next() {
+                Some(Ok((key, _))) => {
+                    let _ = self.tree.remove(key);
+                    self.dead_count -= 1;
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn anchor(&mut self, stored_through: u64) -> Result<AnchorOutcome, BufferError> {
+        let l = self.levels;
+        let consistent = l.anchored && stored_through < l.next_seq;
+        if consistent {
+            return Ok(AnchorOutcome::Unchanged);
+        }
+        if l.anchored {
+            tracing::error!(
+                stored_through,
+                next_seq = l.next_seq,
+                "the ingest has stored sequence numbers this buffer never issued (restored from an old copy, or two agents share one identity?): renumbering so new records are not taken for duplicates"
+            );
+        }
+        let base = if l.records > 0 {
+            l.first_seq
+        } else {
+            l.next_seq
+        };
+        let shift = (stored_through + 1).saturating_sub(base);
+        let mut batch = sled::Batch::default();
+        if shift > 0 {
+            // Highest first: each new key is above every old key still to be
+            // visited, so inserts and removes in one batch never collide.
+            let mut entries: Vec<_> = self
+                .tree
+                .range(keys::records_start()..=keys::records_end())
+                .collect::<Result<_, _>>()
+                .map_err(|source| BufferError::Storage {
+                    dir: self.options.buffer_dir(),
+                    source,
+                })?;
+            entries.reverse();
+            for (key, value) in entries {
+                let Some(seq) = keys::seq_of(&key) else {
+                    continue;
+                };
+                let Ok(mut record) = edgefleet_proto::Record::decode(value.as_ref()) else {
+                    continue;
+                };
+                record.seq = seq + shift;
+                batch.insert(&keys::record(record.seq), record.encode_to_vec());
+                batch.remove(key);
+            }
+        }
+        let mut next = self.levels;
+        next.next_seq += shift;
+        if next.records > 0 {
+            next.first_seq += shift;
+        }
+        next.durable_through = next.next_seq - 1;
+        next.acked_through = stored_through;
+        next.anchored = true;
+        batch.insert(keys::META_NEXT_SEQ, &next.next_seq.to_be_bytes());
+        batch.insert(keys::META_ANCHORED, &1u64.to_be_bytes());
+        batch.insert(keys::META_ACKED, &next.acked_through.to_be_bytes());
+        // What was reserved as possibly sent belongs to the old numbering.
+        batch.insert(keys::META_SENT_RESERVED, &0u64.to_be_bytes());
+        self.tree
+            .apply_batch(batch)
+            .and_then(|()| self.tree.flush().map(|_| ()))
+            .map_err(|e| BufferError::WriteFailed(e.to_string()))?;
+        self.sent_reserved = 0;
+        self.levels = next;
+        self.levels_tx.send_replace(self.levels);
+        if shift > 0 {
+            tracing::warn!(
+                shift,
+                stored_through,
+                "fresh buffer anchored: renumbered buffered records to follow what the ingest already stored"
+            );
+        }
+        Ok(AnchorOutcome::Shifted(shift))
+    }
+}

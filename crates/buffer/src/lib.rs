@@ -1,0 +1,434 @@
+//! The edge agent's durable buffer.
+//!
+//! Every record a source produces is written here before the source
+//! acknowledges it (to an MQTT broker, say), and stays until the ingest
+//! acknowledges that it stored it. Properties, each relied on elsewhere:
+//!
+//! * **Durable before acknowledged.** [`Buffer::append`] resolves only after the
+//!   record is fsync'd. Appends from all sources are grouped into one write and
+//!   one fsync (group commit), which is what makes durability affordable.
+//! * **Only durable records are read.** The uplink never sends a record a crash
+//!   could still take back, so a resent source message can never turn into a
+//!   second stored record.
+//! * **Bounded.** A byte cap with a policy when full: `Block` stops appends (so
+//!   sources stop acknowledging and the broker keeps the data), `DropOldest`
+//!   deletes the oldest records *that were never handed to the uplink*, so the
+//!   drop counter counts exactly the records that can never reach the ingest.
+//! * **Survives SIGKILL at any point.** One sled tree, one atomic batch per
+//!   group: records, counters and bookkeeping change together or not at all.
+//! * **Never crash-loops on corruption.** A buffer that cannot be opened is moved
+//!   to `quarantine/` and a fresh one started, and [`OpenReport`] says so.
+//!
+//! All writes go through one committer thread ([`committer`]); reads run
+//! concurrently on sled's lock-free tree.
+
+mod committer;
+mod keys;
+mod open;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_proto::Record;
+use prost::Message;
+use tokio::sync::{oneshot, watch};
+
+pub use committer::AnchorOutcome;
+pub use open::{OpenReport, Quarantine};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error("buffer storage error in {dir}: {source}")]
+    Storage {
+        dir: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("cannot prepare buffer directory {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a single append of {bytes} bytes is larger than the buffer cap of {cap} bytes")]
+    TooLarge { bytes: u64, cap: u64 },
+    #[error("the buffer is closed")]
+    Closed,
+    #[error("buffer write failed (disk full or failing?): {0}")]
+    WriteFailed(String),
+}
+
+/// What to do when the byte cap is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    Block,
+    DropOldest,
+}
+
+#[derive(Debug, Clone)]
+pub struct BufferOptions {
+    /// The agent's data directory; the buffer lives in `buffer/` below it and
+    /// quarantined buffers in `quarantine/`, so quarantine is a rename within
+    /// one file system even when the data directory is a mount point.
+    pub data_dir: PathBuf,
+    pub max_bytes: u64,
+    pub when_full: FullPolicy,
+    /// Group commit: the longest an append waits for company before the fsync.
+    pub flush_max_delay: Duration,
+    /// Group commit: a group is written at once when it has this many records.
+    pub flush_max_records: usize,
+    pub dead_letter_max: u32,
+}
+
+impl BufferOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            max_bytes: 1 << 30,
+            when_full: FullPolicy::Block,
+            flush_max_delay: Duration::from_millis(2),
+            flush_max_records: 50_000,
+            dead_letter_max: 1000,
+        }
+    }
+    pub fn buffer_dir(&self) -> PathBuf {
+        self.data_dir.join("buffer")
+    }
+}
+
+/// Marks a record that its source may deliver more than once (an MQTT QoS 1
+/// message redelivered after a reconnect or a crash). The buffer remembers the
+/// last `fingerprint` seen per `key`; a redelivery with the same key and
+/// fingerprint is recognised and not stored again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupeKey {
+    /// e.g. source name + MQTT packet id.
+    pub key: Vec<u8>,
+    /// e.g. a hash of topic and payload.
+    pub fingerprint: [u8; 16],
+    /// The source says this is a redelivery (the MQTT DUP flag).
+    pub redelivery: bool,
+}
+
+/// A record on its way into the buffer. Its `seq` is assigned by the buffer.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub record: Record,
+    pub dedupe: Option<DedupeKey>,
+}
+
+impl From<Record> for Incoming {
+    fn from(record: Record) -> Self {
+        Incoming {
+            record,
+            dedupe: None,
+        }
+    }
+}
+
+/// What became of each appended record, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Durably stored under this sequence number.
+    Stored(u64),
+    /// A redelivery of a record already stored.
+    Duplicate,
+    /// Dropped on arrival: the buffer was full and nothing older could be dropped.
+    Dropped,
+}
+
+/// A payload a source could not decode, kept (bounded) for inspection.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    pub source: String,
+    /// Where it came from, e.g. the MQTT topic.
+    pub origin: String,
+    pub reason: String,
+    pub received_at_ns: i64,
+    /// The payload, lossily as text, truncated.
+    pub payload: String,
+}
+
+/// Counters and levels, for metrics and heartbeats.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BufferStats {
+    pub records: u64,
+    pub bytes: u64,
+    pub next_seq: u64,
+    /// Lowest sequence number still buffered; 0 when empty.
+    pub first_seq: u64,
+    /// Highest sequence number that is durable (readable by the uplink).
+    pub durable_through: u64,
+    pub acked_through: u64,
+    pub epoch: u64,
+    pub anchored: bool,
+    pub appended_total: u64,
+    pub dropped_full_total: u64,
+    pub duplicates_total: u64,
+    pub corrupt_skipped_total: u64,
+    pub commits_total: u64,
+    pub write_errors_total: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub appended: AtomicU64,
+    pub dropped_full: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub corrupt_skipped: AtomicU64,
+    pub commits: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+/// Levels the committer publishes after every commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Levels {
+    pub records: u64,
+    pub bytes: u64,
+    pub next_seq: u64,
+    pub first_seq: u64,
+    pub durable_through: u64,
+    pub acked_through: u64,
+    pub epoch: u64,
+    pub anchored: bool,
+}
+
+struct Inner {
+    tree: sled::Db,
+    control: flume::Sender<committer::Op>,
+    appends: flume::Sender<committer::Op>,
+    levels: watch::Receiver<Levels>,
+    counters: Arc<Counters>,
+    dir: PathBuf,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A handle to the buffer; clones share it.
+#[derive(Clone)]
+pub struct Buffer {
+    inner: Arc<Inner>,
+}
+
+impl Buffer {
+    /// Opens (or creates) the buffer, quarantining one that cannot be opened.
+    /// Blocking: call from a blocking context or at start-up.
+    pub fn open(options: BufferOptions) -> Result<(Buffer, OpenReport), BufferError> {
+        let (tree, report, levels) = open::open_or_quarantine(&options)?;
+        let counters = Arc::new(Counters::default());
+        let (levels_tx, levels_rx) = watch::channel(levels);
+        let (control_tx, control_rx) = flume::unbounded();
+        // Bounded: when the committer falls behind (or is stalled by the
+        // `Block` policy) sources wait here.
+        let (appends_tx, appends_rx) = flume::bounded(256);
+        let committer = committer::Committer::new(
+            tree.clone(),
+            options.clone(),
+            levels,
+            levels_tx,
+            counters.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("buffer-commit".into())
+            .spawn(move || committer.run(control_rx, appends_rx))
+            .map_err(|source| BufferError::Io {
+                dir: options.buffer_dir(),
+                source,
+            })?;
+        let buffer = Buffer {
+            inner: Arc::new(Inner {
+                tree,
+                control: control_tx,
+                appends: appends_tx,
+                levels: levels_rx,
+                counters,
+                dir: options.buffer_dir(),
+                thread: std::sync::Mutex::new(Some(thread)),
+            }),
+        };
+        Ok((buffer, report))
+    }
+
+    /// Appends records; resolves once they are durable (or dropped, or
+    /// recognised as duplicates). Under the `Block` policy this waits for room.
+    pub async fn append(&self, records: Vec<Incoming>) -> Result<Vec<Outcome>, BufferError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .appends
+            .send_async(committer::Op::Append { records, reply })
+            .await
+            .map_err(|_| BufferError::Closed)?;
+        rx.await.map_err(|_| BufferError::Closed)?
+    }
+
+    /// Deletes every record up to `through`: the ingest has stored them.
+    pub async fn ack(&self, through: u64) -> Result<(), BufferError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(committer::Op::Ack { through, reply }).await?;
+        rx.await.map_err(|_| BufferError::Closed)?
+    }
+
+    /// Aligns the buffer's sequence numbers with the ingest's record of this
+    /// agent (see the protocol's "unanchored" buffers). Call with
+    /// `HelloAck.stored_through` before reading.
+    pub async fn anchor(&self, stored_through: u64) -> Result<AnchorOutcome, BufferError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(committer::Op::Anchor {
+            stored_through,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| BufferError::Closed)?
+    }
+
+    /// Must be awaited before records up to `last_seq` are handed to the
+    /// network: it durably notes that they may have been sent, so that
+    /// `DropOldest` never drops (and counts) a record the ingest may have.
+    pub async fn before_send(&self, last_seq: u64) -> Result<(), BufferError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(committer::Op::ReserveSent { last_seq, reply })
+            .await?;
+        rx.await.map_err(|_| BufferError::Closed)?
+    }
+
+    /// Keeps an undecodable payload for inspection; never waits.
+    pub fn dead_letter(&self, letter: DeadLetter) {
+        let _ = self
+            .inner
+            .appends
+            .try_send(committer::Op::DeadLetter(letter));
+    }
+
+    /// Changes the cap and policy of an open buffer (configuration reload).
+    pub async fn set_limits(
+        &self,
+        max_bytes: u64,
+        when_full: FullPolicy,
+    ) -> Result<(), BufferError> {
+        self.send(committer::Op::SetLimits {
+            max_bytes,
+            when_full,
+        })
+        .await
+    }
+
+    /// Durable records with `seq >= from`, at most `max_records` and about
+    /// `max_bytes` (always at least one record when one is there).
+    pub fn read_from(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, BufferError> {
+        let durable = self.inner.levels.borrow().durable_through;
+        let mut out = Vec::new();
+        if from > durable {
+            return Ok(out);
+        }
+        let mut bytes = 0usize;
+        for item in self
+            .inner
+            .tree
+            .range(keys::record(from)..=keys::record(durable))
+        {
+            let (key, value) = item.map_err(|source| BufferError::Storage {
+                dir: self.inner.dir.clone(),
+                source,
+            })?;
+            if !out.is_empty() && (out.len() >= max_records || bytes + value.len() > max_bytes) {
+                break;
+            }
+            match Record::decode(value.as_ref()) {
+                Ok(record) => {
+                    bytes += value.len();
+                    out.push(record);
+                }
+                Err(e) => {
+                    // A damaged record must not stall the uplink forever: skip
+                    // it, loudly. The ingest sees a gap in the sequence.
+                    self.inner
+                        .counters
+                        .corrupt_skipped
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(key = ?keys::seq_of(&key), error = %e, "skipping undecodable record in the buffer");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until a record with `seq >= from` is durable, or the buffer closes.
+    pub async fn wait_for(&self, from: u64) -> Result<(), BufferError> {
+        let mut levels = self.inner.levels.clone();
+        loop {
+            if levels.borrow_and_update().durable_through >= from {
+                return Ok(());
+            }
+            levels.changed().await.map_err(|_| BufferError::Closed)?;
+        }
+    }
+
+    pub fn stats(&self) -> BufferStats {
+        let l = *self.inner.levels.borrow();
+        let c = &self.inner.counters;
+        BufferStats {
+            records: l.records,
+            bytes: l.bytes,
+            next_seq: l.next_seq,
+            first_seq: l.first_seq,
+            durable_through: l.durable_through,
+            acked_through: l.acked_through,
+            epoch: l.epoch,
+            anchored: l.anchored,
+            appended_total: c.appended.load(Ordering::Relaxed),
+            dropped_full_total: c.dropped_full.load(Ordering::Relaxed),
+            duplicates_total: c.duplicates.load(Ordering::Relaxed),
+            corrupt_skipped_total: c.corrupt_skipped.load(Ordering::Relaxed),
+            commits_total: c.commits.load(Ordering::Relaxed),
+            write_errors_total: c.write_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The dead letters, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, BufferError> {
+        open::read_dead_letters(&self.inner.tree).map_err(|source| BufferError::Storage {
+            dir: self.inner.dir.clone(),
+            source,
+        })
+    }
+
+    /// Flushes and stops the committer. Appends after this fail with `Closed`.
+    pub async fn close(&self) -> Result<(), BufferError> {
+        let (reply, rx) = oneshot::channel();
+        if self.send(committer::Op::Close { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+        let thread = self.inner.thread.lock().expect("not poisoned").take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, op: committer::Op) -> Result<(), BufferError> {
+        self.inner
+            .control
+            .send_async(op)
+            .await
+            .map_err(|_| BufferError::Closed)
+    }
+}
+
+/// Reads the dead letters of a buffer that is not open (for the CLI).
+pub fn read_dead_letters(data_dir: &Path) -> Result<Vec<DeadLetter>, BufferError> {
+    let dir = data_dir.join("buffer");
+    let db = sled::Config::new()
+        .path(&dir)
+        .open()
+        .map_err(|source| BufferError::Storage {
+            dir: dir.clone(),
+            source,
+        })?;
+    open::read_dead_letters(&db).map_err(|source| BufferError::Storage { dir, source })
+}

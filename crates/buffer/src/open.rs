@@ -1,0 +1,274 @@
+//! Opening the buffer, and what to do when it cannot be opened.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use edgefleet_proto::Record;
+use prost::Message;
+
+use crate::keys::{self, u64_value};
+use crate::{BufferError, BufferOptions, DeadLetter, Levels};
+
+/// What [`crate::Buffer::open`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Set when the existing buffer could not be opened and was moved aside.
+    pub quarantined: Option<Quarantine>,
+    /// A new, empty buffer was created (first start or after quarantine).
+    pub created: bool,
+    /// Records found on disk and resumed.
+    pub resumed_records: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantine {
+    pub moved_to: PathBuf,
+    pub reason: String,
+}
+
+enum OpenFailure {
+    /// The files are damaged or not a buffer: quarantine them.
+    Corrupt(String),
+    /// The files may be fine but cannot be used now (permissions, a full
+    /// disk, another agent holding the lock): never quarantine on these.
+    Unavailable(BufferError),
+}
+
+pub(crate) fn open_or_quarantine(
+    options: &BufferOptions,
+) -> Result<(sled::Db, OpenReport, Levels), BufferError> {
+    let dir = options.buffer_dir();
+    std::fs::create_dir_all(&options.data_dir).map_err(|source| BufferError::Io {
+        dir: options.data_dir.clone(),
+        source,
+    })?;
+    // sled and our own checks may panic on garbage; a panic here must become
+    // a quarantine, not a crash loop.
+    let attempt = catch_unwind(AssertUnwindSafe(|| try_open(&dir)));
+    let reason = match attempt {
+        Ok(Ok((db, levels, created))) => {
+            let report = OpenReport {
+                quarantined: None,
+                created,
+                resumed_records: levels.records,
+            };
+            return Ok((db, report, levels));
+        }
+        Ok(Err(OpenFailure::Unavailable(err))) => return Err(err),
+        Ok(Err(OpenFailure::Corrupt(reason))) => reason,
+        Err(panic) => format!("opening panicked: {}", panic_text(&panic)),
+    };
+    let moved_to = quarantine(options, &dir)?;
+    tracing::error!(
+        buffer = %dir.display(),
+        moved_to = %moved_to.display(),
+        %reason,
+        "BUFFER CORRUPT: moved it aside and started a fresh, empty buffer; records in it were not sent"
+    );
+    match catch_unwind(AssertUnwindSafe(|| try_open(&dir))) {
+        Ok(Ok((db, levels, _))) => Ok((
+            db,
+            OpenReport {
+                quarantined: Some(Quarantine { moved_to, reason }),
+                created: true,
+                resumed_records: 0,
+            },
+            levels,
+        )),
+        Ok(Err(OpenFailure::Unavailable(err))) => Err(err),
+        Ok(Err(OpenFailure::Corrupt(reason))) => Err(BufferError::WriteFailed(format!(
+            "a fresh buffer in {} is unusable too: {reason}",
+            dir.display()
+        ))),
+        Err(panic) => Err(BufferError::WriteFailed(format!(
+            "a fresh buffer in {} panicked on open: {}",
+            dir.display(),
+            panic_text(&panic)
+        ))),
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+fn quarantine(options: &BufferOptions, dir: &Path) -> Result<PathBuf, BufferError> {
+    let qdir = options.data_dir.join("quarantine");
+    std::fs::create_dir_all(&qdir).map_err(|source| BufferError::Io {
+        dir: qdir.clone(),
+        source,
+    })?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let target = qdir.join(format!("buffer-{stamp}"));
+    std::fs::rename(dir, &target).map_err(|source| BufferError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(target)
+}
+
+fn sled_config(dir: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .cache_capacity(32 << 20)
+        // We fsync on our own schedule (group commit); a background flusher
+        // would only add fsyncs.
+        .flush_every_ms(None)
+}
+
+fn classify(dir: &Path, err: sled::Error) -> OpenFailure {
+    match err {
+        sled::Error::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::OutOfMemory
+            ) =>
+        {
+            OpenFailure::Unavailable(BufferError::Storage {
+                dir: dir.to_path_buf(),
+                source: sled::Error::Io(io),
+            })
+        }
+        other => OpenFailure::Corrupt(other.to_string()),
+    }
+}
+
+fn try_open(dir: &Path) -> Result<(sled::Db, Levels, bool), OpenFailure> {
+    let db = sled_config(dir).open().map_err(|e| classify(dir, e))?;
+    let meta = |key: &[u8]| -> Result<Option<u64>, OpenFailure> {
+        match db.get(key).map_err(|e| classify(dir, e))? {
+            None => Ok(None),
+            Some(v) => u64_value(&v).map(Some).ok_or_else(|| {
+                OpenFailure::Corrupt(format!(
+                    "bookkeeping entry {:?} is damaged",
+                    String::from_utf8_lossy(key)
+                ))
+            }),
+        }
+    };
+    let Some(format) = meta(keys::META_FORMAT)? else {
+        if db.first().map_err(|e| classify(dir, e))?.is_some() {
+            return Err(OpenFailure::Corrupt(
+                "the buffer has data but no format marker".into(),
+            ));
+        }
+        return init_fresh(dir, db);
+    };
+    if format != keys::FORMAT_VERSION {
+        return Err(OpenFailure::Corrupt(format!(
+            "unknown buffer format {format} (this agent writes {})",
+            keys::FORMAT_VERSION
+        )));
+    }
+    let need = |key: &[u8]| -> Result<u64, OpenFailure> {
+        meta(key)?.ok_or_else(|| {
+            OpenFailure::Corrupt(format!(
+                "bookkeeping entry {:?} is missing",
+                String::from_utf8_lossy(key)
+            ))
+        })
+    };
+    let next_seq = need(keys::META_NEXT_SEQ)?;
+    let records = need(keys::META_RECORDS)?;
+    let bytes = need(keys::META_BYTES)?;
+    let epoch = need(keys::META_EPOCH)?;
+    let anchored = need(keys::META_ANCHORED)? == 1;
+    let acked_through = meta(keys::META_ACKED)?.unwrap_or(0);
+
+    // Cheap consistency checks: the first and last records decode and agree
+    // with the bookkeeping. A full scan would make start-up O(buffer).
+    let mut range = db.range(keys::records_start()..=keys::records_end());
+    let first = range.next().transpose().map_err(|e| classify(dir, e))?;
+    let last = range
+        .next_back()
+        .transpose()
+        .map_err(|e| classify(dir, e))?;
+    let last = last.or_else(|| first.clone());
+    let mut first_seq = 0;
+    let mut last_seq = next_seq.saturating_sub(1);
+    if let (Some((first_key, first_value)), Some((last_key, last_value))) = (&first, &last) {
+        for (key, value) in [(first_key, first_value), (last_key, last_value)] {
+            let seq = keys::seq_of(key)
+                .ok_or_else(|| OpenFailure::Corrupt("a record key is damaged".into()))?;
+            let record = Record::decode(value.as_ref())
+                .map_err(|e| OpenFailure::Corrupt(format!("record {seq} does not decode: {e}")))?;
+            if record.seq != seq {
+                return Err(OpenFailure::Corrupt(format!(
+                    "record under key {seq} says it is {}",
+                    record.seq
+                )));
+            }
+        }
+        first_seq = keys::seq_of(first_key).unwrap_or(0);
+        last_seq = keys::seq_of(last_key).unwrap_or(0);
+        if last_seq >= next_seq {
+            return Err(OpenFailure::Corrupt(format!(
+                "record {last_seq} is beyond the next sequence number {next_seq}"
+            )));
+        }
+        if records == 0 {
+            return Err(OpenFailure::Corrupt(
+                "records on disk but the record count is 0".into(),
+            ));
+        }
+    } else if records != 0 {
+        return Err(OpenFailure::Corrupt(format!(
+            "the record count is {records} but no record is on disk"
+        )));
+    }
+    let levels = Levels {
+        records,
+        bytes,
+        next_seq,
+        first_seq,
+        durable_through: last_seq.max(acked_through),
+        acked_through,
+        epoch,
+        anchored,
+    };
+    Ok((db, levels, false))
+}
+
+fn init_fresh(dir: &Path, db: sled::Db) -> Result<(sled::Db, Levels, bool), OpenFailure> {
+    let epoch: u64 = rand::random::<u64>() | 1;
+    let mut batch = sled::Batch::default();
+    let put = |batch: &mut sled::Batch, k: &[u8], v: u64| batch.insert(k, &v.to_be_bytes());
+    put(&mut batch, keys::META_FORMAT, keys::FORMAT_VERSION);
+    put(&mut batch, keys::META_NEXT_SEQ, 1);
+    put(&mut batch, keys::META_RECORDS, 0);
+    put(&mut batch, keys::META_BYTES, 0);
+    put(&mut batch, keys::META_EPOCH, epoch);
+    put(&mut batch, keys::META_ANCHORED, 0);
+    put(&mut batch, keys::META_ACKED, 0);
+    db.apply_batch(batch).map_err(|e| classify(dir, e))?;
+    db.flush().map_err(|e| classify(dir, e))?;
+    let levels = Levels {
+        next_seq: 1,
+        epoch,
+        ..Levels::default()
+    };
+    Ok((db, levels, true))
+}
+
+pub(crate) fn read_dead_letters(db: &sled::Db) -> Result<Vec<DeadLetter>, sled::Error> {
+    let mut out = Vec::new();
+    for item in db.scan_prefix([keys::DEAD]) {
+        let (_, value) = item?;
+        if let Ok(letter) = serde_json::from_slice(&value) {
+            out.push(letter);
+        }
+    }
+    Ok(out)
+}
