@@ -1,0 +1,614 @@
+//! The default sink: an embedded sled store in one directory.
+//!
+//! Everything lives in one sled tree so that one `apply_batch` covers the
+//! records, the high-water marks and the bookkeeping of a commit atomically.
+//! Keys start with a one-byte kind:
+//!
+//! | key                                     | value                         |
+//! |-----------------------------------------|-------------------------------|
+//! | `R` agent 0x00 seq(u64 BE)              | the prost-encoded `Record`    |
+//! | `T` ingest_ns(u64 BE) agent 0x00 seq    | bytes the record accounts for (u64 BE) |
+//! | `H` agent                               | high-water mark (u64 BE)      |
+//! | `C` agent                               | records stored now (u64 BE)   |
+//! | `M` `bytes`                             | bytes of all stored records   |
+//!
+//! Agent ids contain no 0x00 (see `edgefleet_pki::check_agent_id`), so `R`
+//! keys sort by agent, then seq; `T` keys sort oldest ingest first, which is
+//! the order retention deletes in.
+//!
+//! Writers (commits and retention) take `write_lock`, which makes the
+//! read-modify-write of counters safe; sled's own lock keeps other processes out.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edgefleet_proto::Record;
+use prost::Message;
+
+use super::{AgentRecords, Sink, SinkError};
+use crate::config::Retention;
+use crate::query::{AgentStats, Query, RecordSource, Stats};
+
+const RECORD: u8 = b'R';
+const BY_TIME: u8 = b'T';
+const HIGH_WATER: u8 = b'H';
+const COUNT: u8 = b'C';
+const META_BYTES: &[u8] = b"Mbytes";
+
+/// A file next to sled's own naming the running server's admin URL, so that
+/// `cloud-ingest query --store` can point at it when the store is locked.
+const ADMIN_URL_FILE: &str = "cloud-ingest.admin-url";
+
+/// Retention deletes at most this many records per write batch, so commits
+/// waiting on `write_lock` are not held up by a large purge.
+const RETENTION_CHUNK: usize = 5_000;
+
+pub struct EmbeddedStore {
+    path: PathBuf,
+    db: sled::Db,
+    tree: sled::Tree,
+    write_lock: Mutex<()>,
+}
+
+/// What one retention pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub deleted_records: u64,
+    pub deleted_bytes: u64,
+}
+
+impl EmbeddedStore {
+    /// Opens the store in `dir`, creating it if needed (for the server).
+    pub fn open(dir: &Path) -> Result<Self, SinkError> {
+        std::fs::create_dir_all(dir).map_err(|e| SinkError::Open {
+            path: dir.to_path_buf(),
+            source: sled::Error::Io(e),
+        })?;
+        Self::open_inner(dir)
+    }
+
+    /// Opens an existing store (for `query` and `stats`): a missing store is
+    /// an error rather than a new empty one.
+    pub fn open_existing(dir: &Path) -> Result<Self, SinkError> {
+        if !dir.join("db").is_file() {
+            return Err(SinkError::NoStore {
+                path: dir.to_path_buf(),
+            });
+        }
+        Self::open_inner(dir)
+    }
+
+    fn open_inner(dir: &Path) -> Result<Self, SinkError> {
+        // Commits flush explicitly; sled's periodic flusher would only add a
+        // thread that keeps the store open a little past drop.
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| open_error(dir, source))?;
+        let tree = db
+            .open_tree("telemetry")
+            .map_err(|source| SinkError::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            path: dir.to_path_buf(),
+            db,
+            tree,
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records where the running server's admin endpoint is (best effort:
+    /// it only improves an error message).
+    pub fn advertise_admin_url(&self, url: Option<&str>) {
+        let file = self.path.join(ADMIN_URL_FILE);
+        match url {
+            Some(url) => {
+                if let Err(e) = std::fs::write(&file, url) {
+                    tracing::debug!(file = %file.display(), error = %e, "cannot write the admin URL hint");
+                }
+            }
+            None => {
+                let _ = std::fs::remove_file(&file);
+            }
+        }
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<(), SinkError> {
+        self.db.flush().map(drop).map_err(|e| self.io(e))
+    }
+
+    /// Bytes of all stored records as retention counts them.
+    pub fn stored_bytes(&self) -> Result<u64, SinkError> {
+        self.read_u64(META_BYTES)
+    }
+
+    /// Deletes the oldest records (by ingest time) that are older than
+    /// `retention.max_age` or that take the store over `retention.max_bytes`.
+    pub fn enforce_retention(
+        &self,
+        retention: &Retention,
+        now: SystemTime,
+    ) -> Result<RetentionReport, SinkError> {
+        let cutoff_ns = retention
+            .max_age
+            .map(|age| unix_ns(now.checked_sub(age).unwrap_or(UNIX_EPOCH)));
+        let mut report = RetentionReport::default();
+        if cutoff_ns.is_none() && retention.max_bytes.is_none() {
+            return Ok(report);
+        }
+        loop {
+            let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut total = self.read_u64(META_BYTES)?;
+            let mut batch = sled::Batch::default();
+            let mut counts: HashMap<String, u64> = HashMap::new();
+            let mut deleted = 0usize;
+            let mut exhausted = true;
+            for entry in self.tree.scan_prefix([BY_TIME]) {
+                let (key, value) = entry.map_err(|e| self.io(e))?;
+                let (ingest_ns, agent, seq) = self.parse_time_key(&key)?;
+                let too_old = cutoff_ns.is_some_and(|cutoff| ingest_ns < cutoff);
+                let too_big = retention.max_bytes.is_some_and(|max| total > max);
+                if !too_old && !too_big {
+                    break;
+                }
+                if deleted == RETENTION_CHUNK {
+                    exhausted = false;
+                    break;
+                }
+                let size = self.parse_u64(&value, || format!("time index of {agent}/{seq}"))?;
+                batch.remove(key.as_ref());
+                batch.remove(record_key(agent, seq));
+                total = total.saturating_sub(size);
+                let count = match counts.entry(agent.to_string()) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => e.insert(self.read_u64(&agent_key(COUNT, agent))?),
+                };
+                *count = count.saturating_sub(1);
+                report.deleted_records += 1;
+                report.deleted_bytes += size;
+                deleted += 1;
+            }
+            if deleted == 0 {
+                break;
+            }
+            for (agent, count) in &counts {
+                batch.insert(agent_key(COUNT, agent), &count.to_be_bytes());
+            }
+            batch.insert(META_BYTES, &total.to_be_bytes());
+            self.tree.apply_batch(batch).map_err(|e| self.io(e))?;
+            if exhausted {
+                break;
+            }
+        }
+        if report.deleted_records > 0 {
+            self.flush()?;
+        }
+        Ok(report)
+    }
+
+    fn read_u64(&self, key: &[u8]) -> Result<u64, SinkError> {
+        match self.tree.get(key).map_err(|e| self.io(e))? {
+            None => Ok(0),
+            Some(value) => self.parse_u64(&value, || String::from_utf8_lossy(key).into_owned()),
+        }
+    }
+
+    fn parse_u64(&self, value: &[u8], what: impl FnOnce() -> String) -> Result<u64, SinkError> {
+        <[u8; 8]>::try_from(value)
+            .map(u64::from_be_bytes)
+            .map_err(|_| self.corrupt(what(), format!("expected 8 bytes, found {}", value.len())))
+    }
+
+    fn parse_time_key<'k>(&self, key: &'k [u8]) -> Result<(i64, &'k str, u64), SinkError> {
+        let bad = || self.corrupt(format!("time index key {key:?}"), "malformed key".into());
+        if key.len() < 1 + 8 + 1 + 8 {
+            return Err(bad());
+        }
+        let ingest_ns = u64::from_be_bytes(key[1..9].try_into().map_err(|_| bad())?) as i64;
+        let (agent, seq) = split_agent_seq(&key[9..]).ok_or_else(bad)?;
+        Ok((ingest_ns, agent, seq))
+    }
+
+    fn io(&self, source: sled::Error) -> SinkError {
+        SinkError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, what: String, reason: String) -> SinkError {
+        SinkError::Corrupt {
+            path: self.path.clone(),
+            what,
+            reason,
+        }
+    }
+}
+
+impl Sink for EmbeddedStore {
+    fn stored_through(&self, agent: &str) -> Result<u64, SinkError> {
+        self.read_u64(&agent_key(HIGH_WATER, agent))
+    }
+
+    fn commit(&self, batches: &[AgentRecords]) -> Result<(), SinkError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let ingest_ns = unix_ns(SystemTime::now()) as u64;
+        let mut total = self.read_u64(META_BYTES)?;
+        // Per agent: (high-water mark, record count), read once per commit.
+        let mut agents: HashMap<&str, (u64, u64)> = HashMap::new();
+        let mut batch = sled::Batch::default();
+        for AgentRecords { agent, records } in batches {
+            let state = match agents.entry(agent.as_str()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let high = self.read_u64(&agent_key(HIGH_WATER, agent))?;
+                    let count = self.read_u64(&agent_key(COUNT, agent))?;
+                    e.insert((high, count))
+                }
+            };
+            for record in records {
+                let value = record.encode_to_vec();
+                let key = record_key(agent, record.seq);
+                let time_key = time_key(ingest_ns, agent, record.seq);
+                let size = (key.len() + value.len() + time_key.len() + 8) as u64;
+                batch.insert(key, value);
+                batch.insert(time_key, &size.to_be_bytes());
+                total += size;
+                state.0 = state.0.max(record.seq);
+                state.1 += 1;
+            }
+        }
+        for (agent, (high, count)) in agents {
+            batch.insert(agent_key(HIGH_WATER, agent), &high.to_be_bytes());
+            batch.insert(agent_key(COUNT, agent), &count.to_be_bytes());
+        }
+        batch.insert(META_BYTES, &total.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(|e| self.io(e))?;
+        self.flush()
+    }
+}
+
+impl RecordSource for EmbeddedStore {
+    fn query(
+        &self,
+        query: &Query,
+        emit: &mut dyn FnMut(&str, Record) -> bool,
+    ) -> Result<(), SinkError> {
+        let prefix = match &query.agent {
+            Some(agent) => {
+                let mut prefix = vec![RECORD];
+                prefix.extend_from_slice(agent.as_bytes());
+                prefix.push(0);
+                prefix
+            }
+            None => vec![RECORD],
+        };
+        let mut emitted = 0usize;
+        for entry in self.tree.scan_prefix(prefix) {
+            if query.limit.is_some_and(|limit| emitted >= limit) {
+                break;
+            }
+            let (key, value) = entry.map_err(|e| self.io(e))?;
+            let (agent, seq) = split_agent_seq(&key[1..]).ok_or_else(|| {
+                self.corrupt(
+                    format!("record key {:?}", key.as_ref()),
+                    "malformed key".into(),
+                )
+            })?;
+            let record = Record::decode(value.as_ref()).map_err(|e| {
+                self.corrupt(format!("record agent={agent} seq={seq}"), e.to_string())
+            })?;
+            if query.matches(&record) {
+                emitted += 1;
+                if !emit(agent, record) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> Result<Stats, SinkError> {
+        let mut stats = Stats {
+            stored_bytes: self.read_u64(META_BYTES)?,
+            ..Stats::default()
+        };
+        for (kind, is_count) in [(HIGH_WATER, false), (COUNT, true)] {
+            for entry in self.tree.scan_prefix([kind]) {
+                let (key, value) = entry.map_err(|e| self.io(e))?;
+                let agent = std::str::from_utf8(&key[1..]).map_err(|_| {
+                    self.corrupt(
+                        format!("agent key {:?}", key.as_ref()),
+                        "agent id is not UTF-8".into(),
+                    )
+                })?;
+                let n = self.parse_u64(&value, || format!("agent entry for {agent}"))?;
+                let entry: &mut AgentStats = stats.agents.entry(agent.to_string()).or_default();
+                if is_count {
+                    entry.records = n;
+                    stats.total_records += n;
+                } else {
+                    entry.stored_through = n;
+                }
+            }
+        }
+        Ok(stats)
+    }
+}
+
+fn open_error(dir: &Path, source: sled::Error) -> SinkError {
+    // sled reports a held lock only as an `Other` I/O error with this text.
+    let locked =
+        matches!(&source, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"));
+    if !locked {
+        return SinkError::Open {
+            path: dir.to_path_buf(),
+            source,
+        };
+    }
+    let url = std::fs::read_to_string(dir.join(ADMIN_URL_FILE))
+        .ok()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty());
+    let hint = match url {
+        Some(url) => format!(
+            "use `--url {url}` instead of `--store` (the server's --metrics-listen address)"
+        ),
+        None => {
+            "use `--url http://<its --metrics-listen address>` instead of `--store`".to_string()
+        }
+    };
+    SinkError::Locked {
+        path: dir.to_path_buf(),
+        hint,
+    }
+}
+
+fn agent_key(kind: u8, agent: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + agent.len());
+    key.push(kind);
+    key.extend_from_slice(agent.as_bytes());
+    key
+}
+
+fn record_key(agent: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + agent.len() + 1 + 8);
+    key.push(RECORD);
+    key.extend_from_slice(agent.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn time_key(ingest_ns: u64, agent: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + 8 + agent.len() + 1 + 8);
+    key.push(BY_TIME);
+    key.extend_from_slice(&ingest_ns.to_be_bytes());
+    key.extend_from_slice(agent.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `agent 0x00 seq(8 bytes)` → (agent, seq).
+fn split_agent_seq(bytes: &[u8]) -> Option<(&str, u64)> {
+    let (agent, rest) = bytes.split_at(bytes.len().checked_sub(9)?);
+    if rest[0] != 0 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(rest[1..].try_into().ok()?);
+    Some((std::str::from_utf8(agent).ok()?, seq))
+}
+
+fn unix_ns(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_nanos()
+        .min(i64::MAX as u128) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgefleet_proto::{record, Signal, Signals};
+
+    fn rec(seq: u64, device: &str) -> Record {
+        Record {
+            seq,
+            source: "mqtt".into(),
+            device_id: device.into(),
+            timestamp_ns: 1_700_000_000_000_000_000 + seq as i64,
+            value: Some(record::Value::Signals(Signals {
+                signals: vec![Signal::f64("temp", seq as f64)],
+            })),
+        }
+    }
+
+    fn all(store: &EmbeddedStore, query: &Query) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        store
+            .query(query, &mut |agent, r| {
+                out.push((agent.to_string(), r.seq));
+                true
+            })
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn commits_order_by_agent_then_seq_and_keep_high_water_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store
+            .commit(&[
+                AgentRecords {
+                    agent: "b".into(),
+                    records: vec![rec(1, "d1"), rec(2, "d2")],
+                },
+                AgentRecords {
+                    agent: "a".into(),
+                    records: vec![rec(7, "d1")],
+                },
+                AgentRecords {
+                    agent: "a-long".into(),
+                    records: vec![rec(3, "d1")],
+                },
+                AgentRecords {
+                    agent: "b".into(),
+                    records: vec![rec(300, "d1")],
+                },
+            ])
+            .unwrap();
+        assert_eq!(store.stored_through("a").unwrap(), 7);
+        assert_eq!(store.stored_through("b").unwrap(), 300);
+        assert_eq!(store.stored_through("nobody").unwrap(), 0);
+        let rows = all(&store, &Query::default());
+        let expect: Vec<(String, u64)> = [("a", 7), ("a-long", 3), ("b", 1), ("b", 2), ("b", 300)]
+            .iter()
+            .map(|(a, s)| (a.to_string(), *s))
+            .collect();
+        assert_eq!(rows, expect);
+        let only_a = Query {
+            agent: Some("a".into()),
+            ..Query::default()
+        };
+        assert_eq!(all(&store, &only_a), vec![("a".to_string(), 7)]);
+        let d2 = Query {
+            device: Some("d2".into()),
+            ..Query::default()
+        };
+        assert_eq!(all(&store, &d2), vec![("b".to_string(), 2)]);
+        let limited = Query {
+            limit: Some(2),
+            ..Query::default()
+        };
+        assert_eq!(all(&store, &limited).len(), 2);
+
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.total_records, 5);
+        assert_eq!(stats.agents["b"].records, 3);
+        assert_eq!(stats.agents["b"].stored_through, 300);
+    }
+
+    #[test]
+    fn a_second_open_reports_the_lock_and_a_missing_store_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = EmbeddedStore::open_existing(&missing)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("no store at") && err.contains("nope"), "{err}");
+
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.advertise_admin_url(Some("http://127.0.0.1:9465"));
+        let err = EmbeddedStore::open_existing(dir.path()).err().unwrap();
+        assert!(matches!(err, SinkError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string().contains("--url http://127.0.0.1:9465"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_record_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store
+            .commit(&[AgentRecords {
+                agent: "gw".into(),
+                records: vec![rec(1, "d")],
+            }])
+            .unwrap();
+        store
+            .tree
+            .insert(record_key("gw", 2), &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        let err = store
+            .query(&Query::default(), &mut |_, _| true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent=gw seq=2"), "{err}");
+    }
+
+    #[test]
+    fn retention_by_age_deletes_what_was_ingested_before_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let commit = |seqs: std::ops::RangeInclusive<u64>| {
+            let records = seqs.map(|s| rec(s, "d")).collect();
+            store
+                .commit(&[AgentRecords {
+                    agent: "gw".into(),
+                    records,
+                }])
+                .unwrap();
+        };
+        commit(1..=3);
+        let between = SystemTime::now();
+        std::thread::sleep(Duration::from_millis(5));
+        commit(4..=5);
+        let retention = Retention {
+            max_age: Some(Duration::from_secs(3600)),
+            ..Retention::default()
+        };
+        // An hour before "now" is `between`: records 1..=3 are older.
+        let now = between + Duration::from_secs(3600);
+        let report = store.enforce_retention(&retention, now).unwrap();
+        assert_eq!(report.deleted_records, 3);
+        let seqs: Vec<u64> = all(&store, &Query::default())
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(seqs, vec![4, 5]);
+        // Nothing more to do on a second pass.
+        assert_eq!(
+            store
+                .enforce_retention(&retention, now)
+                .unwrap()
+                .deleted_records,
+            0
+        );
+    }
+
+    #[test]
+    fn retention_by_size_deletes_oldest_first_and_keeps_high_water_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        for seq in 1..=10 {
+            store
+                .commit(&[AgentRecords {
+                    agent: "gw".into(),
+                    records: vec![rec(seq, "d")],
+                }])
+                .unwrap();
+        }
+        let per_record = store.stored_bytes().unwrap() / 10;
+        let retention = Retention {
+            max_bytes: Some(per_record * 4),
+            ..Retention::default()
+        };
+        let report = store
+            .enforce_retention(&retention, SystemTime::now())
+            .unwrap();
+        assert_eq!(report.deleted_records, 6);
+        let seqs: Vec<u64> = all(&store, &Query::default())
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(seqs, vec![7, 8, 9, 10]);
+        assert_eq!(store.stored_through("gw").unwrap(), 10);
+        assert_eq!(store.stats().unwrap().agents["gw"].records, 4);
+    }
+}

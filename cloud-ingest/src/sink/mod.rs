@@ -1,0 +1,65 @@
+//! The seam between the ingest and where records end up.
+//!
+//! A sink stores records and each agent's high-water mark (the highest
+//! sequence number stored). Deduplication happens once, in the committer,
+//! before a sink sees the records: every sink therefore gets exactly-once
+//! storage by implementing two methods. Each sink is one module here.
+
+pub mod embedded;
+
+use std::path::PathBuf;
+
+use edgefleet_proto::Record;
+
+pub use embedded::EmbeddedStore;
+
+/// One agent's records for one commit: new (never stored) records in
+/// strictly increasing `seq` order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRecords {
+    pub agent: String,
+    pub records: Vec<Record>,
+}
+
+/// A durable destination for records.
+///
+/// Called from blocking threads (the committer and `spawn_blocking`), never
+/// on an async executor thread, so implementations may block.
+pub trait Sink: Send + Sync + 'static {
+    /// Highest sequence number durably stored for `agent`; 0 when none.
+    fn stored_through(&self, agent: &str) -> Result<u64, SinkError>;
+
+    /// Stores these records and each agent's new high-water mark (the last
+    /// `seq` of its records) atomically and durably; returns only when durable.
+    /// One agent may appear more than once, in seq order.
+    fn commit(&self, batches: &[AgentRecords]) -> Result<(), SinkError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("no store at {path} (expected a directory made by `cloud-ingest serve --store`)")]
+    NoStore { path: PathBuf },
+    #[error(
+        "the store {path} is in use by a running cloud-ingest (sled allows one process per store); \
+         ask the running server instead: {hint}"
+    )]
+    Locked { path: PathBuf, hint: String },
+    #[error("cannot open the store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("store {path}: corrupt entry {what}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        what: String,
+        reason: String,
+    },
+}
