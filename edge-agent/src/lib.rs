@@ -1,0 +1,29 @@
+//! The edge agent: sources → durable buffer → uplink.
+//!
+//! * [`sources`]: where records come from (MQTT, CAN). Each source writes to
+//!   the [`edgefleet_buffer::Buffer`] and acknowledges upstream only once the
+//!   buffer says the record is durable.
+//! * [`uplink`]: the one gRPC stream to the ingest; it reads durable records
+//!   from the buffer and deletes them only when the ingest acknowledges them.
+//! * [`supervisor`]: owns the buffer, starts sources and the uplink from a
+//!   configuration and restarts them when the configuration changes, without
+//!   ever closing the buffer.
+//! * [`metrics`]: Prometheus metrics and the health endpoints.
+
+pub mod metrics;
+pub mod sources;
+pub mod supervisor;
+pub mod telemetry;
+pub mod uplink;
+
+pub use supervisor::{Agent, AgentError, ConfigFeed};
+
+/// The agent's version, sent in `Hello`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,150 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edge_agent::{Agent, ConfigFeed};
+use tokio_util::sync::CancellationToken;
+
+/// edgefleet edge agent: reads telemetry from MQTT and CAN, keeps it in a
+/// durable buffer, and streams it to cloud-ingest over mutual TLS.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "EDGEFLEET_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent with a configuration file (reloaded when it changes).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and report every problem with its field path.
+    CheckConfig { file: PathBuf },
+    /// Decode a `candump -L` log with DBC files: one JSON line per decoded
+    /// frame on stdout, one line per undecodable frame and a summary on stderr.
+    #[command(
+        after_help = "Example:\n  edge-agent decode --dbc vehicle.dbc --dbc body.dbc candump-2025-01-31.log\n\nExit status: 0 when the log was read, 2 when a DBC file does not load\n(the error names the file and line), 1 when the log cannot be read."
+    )]
+    Decode {
+        /// DBC file; repeat for several (a message id may be defined only once).
+        #[arg(long = "dbc", value_name = "FILE", required = true)]
+        dbc: Vec<PathBuf>,
+        /// The candump log (`candump -L` format); `-` reads standard input.
+        log: PathBuf,
+    },
+    /// Print the dead letters (payloads that failed to decode) of a stopped agent.
+    DeadLetters {
+        /// The agent's data directory (agent.dataDir).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    edge_agent::telemetry::init_logging(cli.log_json);
+    match cli.command {
+        Command::CheckConfig { file } => match edgefleet_config::load_file(&file) {
+            Ok(config) => {
+                println!("{}: ok (config hash {})", file.display(), config.hash());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Decode { dbc, log } => decode(&dbc, &log),
+        Command::DeadLetters { data_dir } => match edgefleet_buffer::read_dead_letters(&data_dir) {
+            Ok(letters) => {
+                for letter in letters {
+                    println!("{}", serde_json::to_string(&letter).unwrap_or_default());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async move {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                match Agent::run(ConfigFeed::File(config), shutdown, None).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        ExitCode::from(2)
+                    }
+                }
+            })
+        }
+    }
+}
+
+fn decode(dbc: &[PathBuf], log: &std::path::Path) -> ExitCode {
+    use edgefleet_can::DecodeLogError;
+    let input: Box<dyn std::io::BufRead> = if log.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        match std::fs::File::open(log) {
+            Ok(f) => Box::new(std::io::BufReader::new(f)),
+            Err(e) => {
+                eprintln!("{}: cannot open the log: {e}", log.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    match edgefleet_can::decode_log(
+        dbc,
+        input,
+        std::io::stdout().lock(),
+        std::io::stderr().lock(),
+    ) {
+        Ok(stats) => {
+            eprintln!(
+                "{} lines: {} decoded, {} without a DBC entry, {} too short, {} remote/error frames, {} malformed",
+                stats.lines, stats.decoded, stats.no_dbc_entry, stats.short, stats.skipped, stats.malformed
+            );
+            ExitCode::SUCCESS
+        }
+        Err(DecodeLogError::Dbc(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", log.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down: stopping sources, flushing the buffer, closing the stream");
+    shutdown.cancel();
+}

@@ -1,0 +1,337 @@
+//! Prometheus metrics and the health endpoints (`/metrics`, `/healthz`,
+//! `/readyz`, `/status`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use edgefleet_buffer::BufferStats;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CanLabel {
+    source: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CanErrorLabel {
+    source: String,
+    class: String,
+}
+
+/// The agent's metrics. Buffer levels are copied in by [`Metrics::observe_buffer`].
+pub struct Metrics {
+    registry: Registry,
+    records_in: Family<SourceLabel, Counter>,
+    decode_errors: Family<SourceLabel, Counter>,
+    source_reconnects: Family<SourceLabel, Counter>,
+    source_up: Family<SourceLabel, Gauge>,
+    dropped: Family<ReasonLabel, Counter>,
+    records_acked: Counter,
+    uplink_reconnects: Counter,
+    uplink_connected: Gauge,
+    acked_seq: Gauge,
+    buffer_bytes: Gauge,
+    buffer_records: Gauge,
+    buffer_quarantined: Counter,
+    buffer_write_errors: Gauge,
+    redeliveries_deduplicated: Gauge,
+    config_reloads: Family<ReasonLabel, Counter>,
+    can_frames: Family<CanLabel, Counter>,
+    can_error_frames: Family<CanErrorLabel, Counter>,
+    last_dropped_full: AtomicU64,
+    ready: AtomicBool,
+    status: Mutex<serde_json::Value>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("edge"),
+            records_in: Family::default(),
+            decode_errors: Family::default(),
+            source_reconnects: Family::default(),
+            source_up: Family::default(),
+            dropped: Family::default(),
+            records_acked: Counter::default(),
+            uplink_reconnects: Counter::default(),
+            uplink_connected: Gauge::default(),
+            acked_seq: Gauge::default(),
+            buffer_bytes: Gauge::default(),
+            buffer_records: Gauge::default(),
+            buffer_quarantined: Counter::default(),
+            buffer_write_errors: Gauge::default(),
+            redeliveries_deduplicated: Gauge::default(),
+            config_reloads: Family::default(),
+            can_frames: Family::default(),
+            can_error_frames: Family::default(),
+            last_dropped_full: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            status: Mutex::new(serde_json::Value::Null),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "records_in",
+            "Records buffered, by source",
+            m.records_in.clone(),
+        );
+        r.register(
+            "decode_errors",
+            "Payloads that did not decode, by source",
+            m.decode_errors.clone(),
+        );
+        r.register(
+            "source_reconnects",
+            "Source connection failures, by source",
+            m.source_reconnects.clone(),
+        );
+        r.register(
+            "source_up",
+            "1 while the source is connected",
+            m.source_up.clone(),
+        );
+        r.register(
+            "dropped_records",
+            "Records dropped, by reason",
+            m.dropped.clone(),
+        );
+        r.register(
+            "records_out",
+            "Records acknowledged by the ingest",
+            m.records_acked.clone(),
+        );
+        r.register(
+            "uplink_reconnects",
+            "Uplink sessions that failed",
+            m.uplink_reconnects.clone(),
+        );
+        r.register(
+            "uplink_connected",
+            "1 while a session with the ingest is up",
+            m.uplink_connected.clone(),
+        );
+        r.register(
+            "acked_seq",
+            "Highest sequence number the ingest acknowledged",
+            m.acked_seq.clone(),
+        );
+        r.register(
+            "buffer_bytes",
+            "Bytes of records in the buffer",
+            m.buffer_bytes.clone(),
+        );
+        r.register(
+            "buffer_records",
+            "Records in the buffer",
+            m.buffer_records.clone(),
+        );
+        r.register(
+            "buffer_quarantined",
+            "Corrupt buffers moved aside",
+            m.buffer_quarantined.clone(),
+        );
+        r.register(
+            "buffer_write_errors",
+            "Failed buffer writes since start",
+            m.buffer_write_errors.clone(),
+        );
+        r.register(
+            "redeliveries_deduplicated",
+            "Source redeliveries recognised and not stored twice",
+            m.redeliveries_deduplicated.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            m.config_reloads.clone(),
+        );
+        r.register("can_frames", "CAN frames received, by source and kind (decoded, reduced_away, unknown, short, remote)", m.can_frames.clone());
+        r.register(
+            "can_error_frames",
+            "CAN error frames, by source and error class",
+            m.can_error_frames.clone(),
+        );
+        m
+    }
+
+    pub fn records_in(&self, source: &str, n: u64) {
+        self.records_in
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .inc_by(n);
+    }
+    pub fn decode_error(&self, source: &str) {
+        self.decode_errors
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .inc();
+    }
+    pub fn source_reconnect(&self, source: &str) {
+        self.source_reconnects
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .inc();
+    }
+    pub fn source_up(&self, source: &str, up: bool) {
+        self.source_up
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .set(up as i64);
+    }
+    pub fn dropped(&self, reason: &str, n: u64) {
+        self.dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc_by(n);
+    }
+    pub fn can_frames(&self, source: &str, kind: &str, n: u64) {
+        self.can_frames
+            .get_or_create(&CanLabel {
+                source: source.into(),
+                kind: kind.into(),
+            })
+            .inc_by(n);
+    }
+    pub fn can_error_frames(&self, source: &str, class: &str, n: u64) {
+        self.can_error_frames
+            .get_or_create(&CanErrorLabel {
+                source: source.into(),
+                class: class.into(),
+            })
+            .inc_by(n);
+    }
+    pub fn acked(&self, records: u64, through: u64) {
+        self.records_acked.inc_by(records);
+        self.acked_seq.set(through as i64);
+    }
+    pub fn uplink_reconnect(&self) {
+        self.uplink_reconnects.inc();
+    }
+    pub fn uplink_connected(&self, up: bool) {
+        self.uplink_connected.set(up as i64);
+    }
+    pub fn buffer_quarantined(&self) {
+        self.buffer_quarantined.inc();
+    }
+    pub fn config_reload(&self, result: &str) {
+        self.config_reloads
+            .get_or_create(&ReasonLabel {
+                reason: result.into(),
+            })
+            .inc();
+    }
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+    pub fn set_status(&self, status: serde_json::Value) {
+        *self.status.lock().expect("not poisoned") = status;
+    }
+    pub fn status(&self) -> serde_json::Value {
+        self.status.lock().expect("not poisoned").clone()
+    }
+
+    /// Copies the buffer's levels and counters into the metrics.
+    pub fn observe_buffer(&self, stats: &BufferStats) {
+        self.buffer_bytes.set(stats.bytes as i64);
+        self.buffer_records.set(stats.records as i64);
+        self.buffer_write_errors
+            .set(stats.write_errors_total as i64);
+        self.redeliveries_deduplicated
+            .set(stats.duplicates_total as i64);
+        let before = self
+            .last_dropped_full
+            .swap(stats.dropped_full_total, Ordering::Relaxed);
+        if stats.dropped_full_total > before {
+            self.dropped("buffer_full", stats.dropped_full_total - before);
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves the endpoints until `shutdown`. Returns the bound address.
+pub async fn serve(
+    listen: &str,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get({
+                let m = metrics.clone();
+                move || async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get({
+                let m = metrics.clone();
+                move || async move {
+                    if m.ready.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/status",
+            get({
+                let m = metrics.clone();
+                move || async move { axum::Json(m.status()) }
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok(addr)
+}

@@ -1,0 +1,166 @@
+//! JSON payloads → signals.
+
+use edgefleet_proto::{signal, Signal, Signals};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PayloadError {
+    #[error("invalid JSON at line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("expected a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    #[error("field `{0}` must be a number of milliseconds (ts) or nanoseconds (timestamp_ns) since the epoch")]
+    BadTimestamp(String),
+    #[error("no signals in the object")]
+    Empty,
+}
+
+/// Decoded payload: its signals, and the device's own timestamp if it gave one.
+#[derive(Debug, PartialEq)]
+pub struct DecodedJson {
+    pub signals: Signals,
+    pub timestamp_ns: Option<i64>,
+}
+
+/// Numbers, bools and strings become signals; nested objects are flattened to
+/// dotted names and arrays to indexed ones (`cells.0`); nulls are skipped.
+/// A numeric top-level `ts` (milliseconds) or `timestamp_ns` sets the time.
+pub fn decode(payload: &[u8]) -> Result<DecodedJson, PayloadError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| PayloadError::Syntax {
+            line: e.line(),
+            column: e.column(),
+            message: e
+                .to_string()
+                .split(" at line")
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        })?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(PayloadError::NotAnObject(kind(&value)));
+    };
+    let mut timestamp_ns = None;
+    let mut signals = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        match key.as_str() {
+            "ts" => {
+                let ms = value
+                    .as_f64()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .ok_or_else(|| PayloadError::BadTimestamp(key.clone()))?;
+                timestamp_ns = Some((ms * 1e6) as i64);
+            }
+            "timestamp_ns" => {
+                timestamp_ns = Some(
+                    value
+                        .as_i64()
+                        .ok_or_else(|| PayloadError::BadTimestamp(key.clone()))?,
+                );
+            }
+            _ => flatten(&key, value, &mut signals),
+        }
+    }
+    if signals.is_empty() {
+        return Err(PayloadError::Empty);
+    }
+    Ok(DecodedJson {
+        signals: Signals { signals },
+        timestamp_ns,
+    })
+}
+
+fn flatten(name: &str, value: serde_json::Value, out: &mut Vec<Signal>) {
+    use serde_json::Value;
+    let v = match value {
+        Value::Null => return,
+        Value::Bool(b) => signal::Value::Bool(b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => signal::Value::I64(i),
+            None => signal::Value::F64(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => signal::Value::Str(s),
+        Value::Array(items) => {
+            for (i, item) in items.into_iter().enumerate() {
+                flatten(&format!("{name}.{i}"), item, out);
+            }
+            return;
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                flatten(&format!("{name}.{key}"), item, out);
+            }
+            return;
+        }
+    };
+    out.push(Signal {
+        name: name.to_string(),
+        value: Some(v),
+        unit: String::new(),
+        label: String::new(),
+    });
+}
+
+fn kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(d: &DecodedJson) -> Vec<(&str, &signal::Value)> {
+        d.signals
+            .signals
+            .iter()
+            .map(|s| (s.name.as_str(), s.value.as_ref().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn flattens_nested_objects_and_keeps_types() {
+        let d = decode(br#"{"ts": 1700000000123, "temp": 21.5, "count": 3, "on": true, "mode": "eco", "motor": {"rpm": 1200, "i": [1.5, 2]}, "gone": null}"#).unwrap();
+        assert_eq!(d.timestamp_ns, Some(1_700_000_000_123_000_000));
+        assert_eq!(
+            names(&d),
+            [
+                ("temp", &signal::Value::F64(21.5)),
+                ("count", &signal::Value::I64(3)),
+                ("on", &signal::Value::Bool(true)),
+                ("mode", &signal::Value::Str("eco".into())),
+                ("motor.rpm", &signal::Value::I64(1200)),
+                ("motor.i.0", &signal::Value::F64(1.5)),
+                ("motor.i.1", &signal::Value::I64(2)),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_payloads_say_what_and_where() {
+        assert_eq!(
+            decode(b"{\"a\": 1,\n \"b\": }"),
+            Err(PayloadError::Syntax {
+                line: 2,
+                column: 7,
+                message: "expected value".into()
+            })
+        );
+        assert_eq!(decode(b"[1,2]"), Err(PayloadError::NotAnObject("an array")));
+        assert_eq!(decode(b"{}"), Err(PayloadError::Empty));
+        assert_eq!(
+            decode(br#"{"ts": "yesterday", "a": 1}"#),
+            Err(PayloadError::BadTimestamp("ts".into()))
+        );
+        assert!(decode(&[0xff, 0xfe]).is_err());
+    }
+}

@@ -1,0 +1,422 @@
+//! MQTT source (rumqttc): subscribes, decodes payloads, writes records to the
+//! buffer and acknowledges a QoS 1 message to the broker only after its
+//! record is durable. With a persistent session (`cleanSession: false`) the
+//! broker keeps whatever the agent has not acknowledged, across agent crashes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_buffer::{DeadLetter, DedupeKey, Incoming, Outcome};
+use edgefleet_config::{MqttSource as MqttConfig, PayloadFormat};
+use edgefleet_proto::{record, RawPayload, Record};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::topic::DevicePattern;
+use super::{json, Source, SourceContext, SourceError};
+use crate::uplink::Backoff;
+
+pub struct MqttSource {
+    config: MqttConfig,
+}
+
+impl MqttSource {
+    pub fn new(config: MqttConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl Source for MqttSource {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(run(self.config, ctx))
+    }
+}
+
+/// How one subscription's messages become records.
+struct Route {
+    filter: String,
+    device: Option<DevicePattern>,
+    payload: PayloadFormat,
+    content_type: String,
+}
+
+/// Appends in flight at once: enough to overlap decoding with the fsync of
+/// the previous group, few enough to bound memory.
+const MAX_APPENDS_IN_FLIGHT: usize = 4;
+/// Messages taken into one append.
+const MAX_MESSAGES_PER_APPEND: usize = 2048;
+
+async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> {
+    let name = config.name.clone();
+    let fatal = |message: String| SourceError::Fatal {
+        source_name: name.clone(),
+        message,
+    };
+    let options = mqtt_options(&config).map_err(fatal)?;
+    let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    let subscriptions: Vec<(String, QoS)> = config
+        .subscriptions
+        .iter()
+        .map(|s| (s.topic.clone(), qos(s.qos)))
+        .collect();
+    let routes: Arc<Vec<Route>> = Arc::new(
+        config
+            .subscriptions
+            .iter()
+            .map(|s| Route {
+                filter: s.topic.clone(),
+                device: s.device_from_topic.as_deref().map(DevicePattern::new),
+                payload: s.payload,
+                content_type: s.content_type.clone(),
+            })
+            .collect(),
+    );
+    let (tx, rx) = mpsc::channel::<Publish>(8192);
+    let mut processor = tokio::spawn(process(
+        rx,
+        client.clone(),
+        ctx.clone(),
+        routes,
+        name.clone(),
+    ));
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let label = name.clone();
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    tracing::info!(source = %name, host = %config.host, port = config.port, session_present = ack.session_present, "MQTT connected");
+                    backoff.reset();
+                    ctx.metrics.source_up(&label, true);
+                    for (topic, qos) in &subscriptions {
+                        if let Err(e) = client.try_subscribe(topic.clone(), *qos) {
+                            tracing::error!(source = %name, %topic, error = %e, "cannot subscribe");
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if publish.qos == QoS::AtMostOnce {
+                        // QoS 0 has no broker-side flow control: never let it
+                        // stall the event loop (and with it keepalives).
+                        if tx.try_send(publish).is_err() {
+                            ctx.metrics.dropped("qos0_overflow", 1);
+                        }
+                    } else if tx.send(publish).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    ctx.metrics.source_up(&label, false);
+                    ctx.metrics.source_reconnect(&label);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(source = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            },
+            _ = &mut processor => {
+                return Err(fatal("the message processor stopped".into()));
+            }
+        }
+    }
+    // Shutdown: take no more messages, let the processor make the received
+    // ones durable and acknowledge them, and keep the event loop turning so
+    // those acknowledgements reach the broker. Unacknowledged messages stay
+    // with the broker for next time.
+    drop(tx);
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut processor => break,
+            _ = &mut deadline => break,
+            event = eventloop.poll() => if event.is_err() { break },
+        }
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(event) = eventloop.poll().await {
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    ctx.metrics.source_up(&label, false);
+    Ok(())
+}
+
+fn qos(level: u8) -> QoS {
+    if level == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+fn mqtt_options(config: &MqttConfig) -> Result<MqttOptions, String> {
+    let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
+    options
+        .set_keep_alive(Duration::from_secs(config.keep_alive_secs.into()))
+        .set_clean_session(config.clean_session)
+        .set_manual_acks(true)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(user) = &config.username {
+        let password = match &config.password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read passwordFile {path}: {e}"))?
+                .trim_end()
+                .to_string(),
+            None => String::new(),
+        };
+        options.set_credentials(user, password);
+    }
+    if let Some(tls) = &config.tls {
+        let ca = edgefleet_pki::load::certs(std::path::Path::new(&tls.ca_file))
+            .map_err(|e| e.to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in ca {
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", tls.ca_file))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+        let client_config = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => builder
+                .with_client_auth_cert(
+                    edgefleet_pki::load::certs(std::path::Path::new(cert))
+                        .map_err(|e| e.to_string())?,
+                    edgefleet_pki::load::private_key(std::path::Path::new(key))
+                        .map_err(|e| e.to_string())?,
+                )
+                .map_err(|e| format!("MQTT client certificate: {e}"))?,
+            _ => builder.with_no_client_auth(),
+        };
+        options.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(
+            client_config,
+        ))));
+    }
+    Ok(options)
+}
+
+type Pending = BoxFuture<
+    'static,
+    (
+        Vec<Publish>,
+        Result<Vec<Option<Outcome>>, edgefleet_buffer::BufferError>,
+    ),
+>;
+
+/// Decodes messages, appends them in groups and acknowledges them in order.
+async fn process(
+    mut rx: mpsc::Receiver<Publish>,
+    client: AsyncClient,
+    ctx: SourceContext,
+    routes: Arc<Vec<Route>>,
+    name: String,
+) {
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut open = true;
+    while open || !pending.is_empty() {
+        tokio::select! {
+            biased;
+            Some((publishes, result)) = pending.next(), if !pending.is_empty() => {
+                acknowledge(&client, &ctx, &name, publishes, result).await;
+            }
+            first = rx.recv(), if open && pending.len() < MAX_APPENDS_IN_FLIGHT => {
+                let Some(first) = first else { open = false; continue };
+                let mut publishes = vec![first];
+                while publishes.len() < MAX_MESSAGES_PER_APPEND {
+                    match rx.try_recv() {
+                        Ok(p) => publishes.push(p),
+                        Err(_) => break,
+                    }
+                }
+                pending.push_back(append(&ctx, &routes, &name, publishes));
+            }
+        }
+    }
+}
+
+fn append(ctx: &SourceContext, routes: &[Route], name: &str, publishes: Vec<Publish>) -> Pending {
+    // `None` marks a message that did not decode: it is dead-lettered and
+    // acknowledged in its turn, and never blocks the ones behind it.
+    let mut slots = Vec::with_capacity(publishes.len());
+    let mut incoming = Vec::with_capacity(publishes.len());
+    for publish in &publishes {
+        match to_record(routes, name, publish) {
+            Ok(record) => {
+                let dedupe = (publish.qos != QoS::AtMostOnce).then(|| DedupeKey {
+                    key: [name.as_bytes(), b"/", &publish.pkid.to_be_bytes()].concat(),
+                    fingerprint: fingerprint(publish),
+                    redelivery: publish.dup,
+                });
+                incoming.push(Incoming { record, dedupe });
+                slots.push(true);
+            }
+            Err(reason) => {
+                ctx.metrics.decode_error(name);
+                tracing::warn!(source = %name, topic = %publish.topic, %reason, "payload rejected; kept as a dead letter");
+                ctx.buffer.dead_letter(DeadLetter {
+                    source: name.to_string(),
+                    origin: publish.topic.clone(),
+                    reason,
+                    received_at_ns: crate::now_ns(),
+                    payload: String::from_utf8_lossy(
+                        &publish.payload[..publish.payload.len().min(4096)],
+                    )
+                    .into_owned(),
+                });
+                slots.push(false);
+            }
+        }
+    }
+    let buffer = ctx.buffer.clone();
+    Box::pin(async move {
+        let result = if incoming.is_empty() {
+            Ok(Vec::new())
+        } else {
+            buffer.append(incoming).await
+        };
+        let result = result.map(|outcomes| {
+            let mut outcomes = outcomes.into_iter();
+            slots
+                .into_iter()
+                .map(|decoded| if decoded { outcomes.next() } else { None })
+                .collect()
+        });
+        (publishes, result)
+    })
+}
+
+async fn acknowledge(
+    client: &AsyncClient,
+    ctx: &SourceContext,
+    name: &str,
+    publishes: Vec<Publish>,
+    result: Result<Vec<Option<Outcome>>, edgefleet_buffer::BufferError>,
+) {
+    match result {
+        Ok(outcomes) => {
+            let stored = outcomes
+                .iter()
+                .filter(|o| matches!(o, Some(Outcome::Stored(_))))
+                .count();
+            ctx.metrics.records_in(name, stored as u64);
+            for publish in &publishes {
+                if let Err(e) = client.ack(publish).await {
+                    tracing::debug!(source = %name, error = %e, "ack not sent; the broker will redeliver");
+                }
+            }
+        }
+        Err(e) => {
+            // Not acknowledged, so the broker keeps the messages; reconnect so
+            // it redelivers them once the buffer can take them again.
+            tracing::error!(source = %name, error = %e, messages = publishes.len(), "cannot buffer messages; leaving them with the broker");
+            ctx.metrics.dropped("buffer_error_retried", 0);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = client.try_disconnect();
+        }
+    }
+}
+
+fn to_record(routes: &[Route], name: &str, publish: &Publish) -> Result<Record, String> {
+    let route = routes
+        .iter()
+        .find(|r| topic_matches(&r.filter, &publish.topic))
+        .ok_or_else(|| format!("topic {} matches no subscription", publish.topic))?;
+    let device_id = match &route.device {
+        Some(pattern) => pattern
+            .device(&publish.topic)
+            .ok_or_else(|| "topic does not match deviceFromTopic".to_string())?
+            .to_string(),
+        None => publish.topic.clone(),
+    };
+    let (value, timestamp_ns) = match route.payload {
+        PayloadFormat::Json => {
+            let decoded = json::decode(&publish.payload).map_err(|e| e.to_string())?;
+            (
+                record::Value::Signals(decoded.signals),
+                decoded.timestamp_ns,
+            )
+        }
+        PayloadFormat::Raw => (
+            record::Value::Raw(RawPayload {
+                data: publish.payload.to_vec(),
+                content_type: route.content_type.clone(),
+            }),
+            None,
+        ),
+    };
+    Ok(Record {
+        seq: 0,
+        source: name.to_string(),
+        device_id,
+        timestamp_ns: timestamp_ns.unwrap_or_else(crate::now_ns),
+        value: Some(value),
+    })
+}
+
+fn fingerprint(publish: &Publish) -> [u8; 16] {
+    let digest = Sha256::new()
+        .chain_update(publish.topic.as_bytes())
+        .chain_update([0u8])
+        .chain_update(&publish.payload)
+        .finalize();
+    digest[..16].try_into().expect("sha256 is 32 bytes")
+}
+
+/// MQTT topic filter matching (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        match level {
+            "#" => return true,
+            "+" => {
+                if topic_levels.next().is_none() {
+                    return false;
+                }
+            }
+            literal => {
+                if topic_levels.next() != Some(literal) {
+                    return false;
+                }
+            }
+        }
+    }
+    topic_levels.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::topic_matches;
+
+    #[test]
+    fn filters_match_like_a_broker() {
+        assert!(topic_matches("devices/+/telemetry", "devices/a/telemetry"));
+        assert!(!topic_matches(
+            "devices/+/telemetry",
+            "devices/a/b/telemetry"
+        ));
+        assert!(topic_matches("devices/#", "devices/a/b"));
+        assert!(topic_matches("#", "x"));
+        assert!(!topic_matches("a/b", "a"));
+        assert!(!topic_matches("a", "a/b"));
+    }
+}

@@ -1,0 +1,497 @@
+//! Harness for edgefleet's cross-process tests: real Mosquitto, real
+//! `cloud-ingest` and `edge-agent` processes, real mutual TLS, SIGKILL.
+//!
+//! The binaries are taken from the cargo target directory this test was
+//! built into; build them first (`cargo build --workspace --bins`, which the
+//! README's test command does).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// The directory holding the workspace's binaries (target/debug or target/release).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe.parent().expect("deps dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (same profile) before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback (bound and released; good enough on a test box).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on port {port} after {timeout:?}")
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+/// A child process whose stderr goes to a log file; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, command: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("log file {}", log.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns the exit status code.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A real Mosquitto broker on a loopback port.
+pub struct Mosquitto {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> anyhow::Result<Mosquitto> {
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("mosquitto is not installed (apt-get install mosquitto)")?;
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        // Deep queues so an agent that is down (killed) finds everything
+        // waiting in its persistent session; a wide in-flight window so the
+        // agent's group commit has company.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )?;
+        let proc = Proc::spawn(
+            "mosquitto",
+            Command::new(binary).arg("-c").arg(&conf),
+            dir.join("mosquitto.log"),
+        )?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok(Mosquitto { port, proc })
+    }
+}
+
+/// One `GET` over plain HTTP/1.0 (metrics and status endpoints on loopback).
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok(body)
+}
+
+/// The value of a Prometheus sample, e.g. `metric(&text, "edge_records_out_total", "")`
+/// or with labels `metric(&text, "edge_dropped_records_total", "reason=\"buffer_full\"")`.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let want = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == want).then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// What the store holds, checked against what the simulator published.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Delivery {
+    pub stored: u64,
+    pub duplicates: u64,
+    pub lost: u64,
+    pub out_of_order: u64,
+    pub per_device: BTreeMap<String, u64>,
+}
+
+/// Compares stored records (JSON lines from `cloud-ingest query`, ordered by
+/// sequence number) with `devices` × `messages` published counters.
+/// `skip` says which counters were deliberately not valid records
+/// (malformed payloads).
+pub fn check_delivery(
+    query_output: &str,
+    devices: u32,
+    messages: u64,
+    skip: impl Fn(u64) -> bool,
+) -> anyhow::Result<Delivery> {
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for line in query_output.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("query line: {line}"))?;
+        let device = v["device"].as_str().context("device field")?.to_string();
+        let n = v["signals"]["n"]
+            .as_u64()
+            .with_context(|| format!("signals.n in {line}"))?;
+        seen.entry(device).or_default().push(n);
+    }
+    let mut d = Delivery::default();
+    for k in 0..devices {
+        let device = format!("dev-{k:03}");
+        let ns = seen.remove(&device).unwrap_or_default();
+        d.stored += ns.len() as u64;
+        d.per_device.insert(device, ns.len() as u64);
+        d.out_of_order += ns.windows(2).filter(|w| w[1] < w[0]).count() as u64;
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        let before = sorted.len();
+        sorted.dedup();
+        d.duplicates += (before - sorted.len()) as u64;
+        let expected = (0..messages).filter(|n| !skip(*n)).count() as u64;
+        d.lost += expected.saturating_sub(sorted.len() as u64);
+    }
+    for (device, ns) in seen {
+        bail!("records from unexpected device {device}: {}", ns.len());
+    }
+    Ok(d)
+}
+
+/// Options of one agent's configuration file.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub id: String,
+    pub max_bytes: String,
+    pub when_full: &'static str,
+    /// Certificate and key to present (default: the agent's own from the dev PKI).
+    pub cert: Option<(PathBuf, PathBuf)>,
+    pub client_id: String,
+    pub metrics_port: u16,
+}
+
+impl AgentOptions {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            max_bytes: "256MiB".into(),
+            when_full: "block",
+            cert: None,
+            client_id: format!("edgefleet-{id}"),
+            metrics_port: free_port(),
+        }
+    }
+}
+
+/// A whole test fleet: dev PKI, Mosquitto, one ingest, agents.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub pki: edgefleet_pki::dev::DevPki,
+    pub mqtt: Mosquitto,
+    pub ingest_port: u16,
+    pub ingest_metrics_port: u16,
+    pub store: PathBuf,
+    pub ingest: Option<Proc>,
+}
+
+impl Fleet {
+    pub fn new(agent_ids: &[&str]) -> anyhow::Result<Fleet> {
+        let dir = tempfile::tempdir()?;
+        let ids: Vec<String> = agent_ids.iter().map(|s| s.to_string()).collect();
+        let pki = edgefleet_pki::dev::init(
+            &dir.path().join("pki"),
+            &ids,
+            &["localhost".into(), "127.0.0.1".into()],
+        )?;
+        let mqtt = Mosquitto::start(dir.path())?;
+        Ok(Fleet {
+            store: dir.path().join("store"),
+            pki,
+            mqtt,
+            ingest_port: free_port(),
+            ingest_metrics_port: free_port(),
+            ingest: None,
+            dir,
+        })
+    }
+
+    pub fn start_ingest(&mut self) -> anyhow::Result<()> {
+        let proc = Proc::spawn(
+            "cloud-ingest",
+            Command::new(bin("cloud-ingest"))
+                .arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{}", self.ingest_port))
+                .arg("--cert")
+                .arg(self.pki.server_cert())
+                .arg("--key")
+                .arg(self.pki.server_key())
+                .arg("--client-ca")
+                .arg(self.pki.ca_cert())
+                .arg("--store")
+                .arg(&self.store)
+                .arg("--metrics-listen")
+                .arg(format!("127.0.0.1:{}", self.ingest_metrics_port)),
+            self.dir.path().join("ingest.log"),
+        )?;
+        self.ingest = Some(proc);
+        wait_for_port(self.ingest_port, Duration::from_secs(20))?;
+        wait_for_port(self.ingest_metrics_port, Duration::from_secs(20))?;
+        Ok(())
+    }
+
+    pub fn ingest_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ingest.log")).unwrap_or_default()
+    }
+
+    /// Writes the agent's configuration file and returns its path.
+    pub fn agent_config(&self, o: &AgentOptions) -> anyhow::Result<PathBuf> {
+        let (cert, key) = o
+            .cert
+            .clone()
+            .unwrap_or_else(|| (self.pki.agent_cert(&o.id), self.pki.agent_key(&o.id)));
+        let data_dir = self.dir.path().join(format!("agent-{}", o.id));
+        let text = format!(
+            r#"agent:
+  dataDir: {data}
+sources:
+  mqtt:
+    - name: mqtt
+      host: 127.0.0.1
+      port: {mqtt}
+      clientId: {client_id}
+      cleanSession: false
+      subscriptions:
+        - topic: devices/+/telemetry
+          qos: 1
+          deviceFromTopic: devices/{{device}}/telemetry
+buffer:
+  maxBytes: {max_bytes}
+  whenFull: {when_full}
+uplink:
+  endpoint: https://127.0.0.1:{ingest}
+  serverName: localhost
+  caFile: {ca}
+  certFile: {cert}
+  keyFile: {key}
+  backoff:
+    initialMs: 100
+    maxMs: 1000
+  ackTimeoutMs: 10000
+metrics:
+  listen: 127.0.0.1:{metrics}
+"#,
+            data = data_dir.display(),
+            mqtt = self.mqtt.port,
+            client_id = o.client_id,
+            max_bytes = o.max_bytes,
+            when_full = o.when_full,
+            ingest = self.ingest_port,
+            ca = self.pki.ca_cert().display(),
+            cert = cert.display(),
+            key = key.display(),
+            metrics = o.metrics_port,
+        );
+        let path = self.dir.path().join(format!("agent-{}.yaml", o.id));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    pub fn agent_data_dir(&self, id: &str) -> PathBuf {
+        self.dir.path().join(format!("agent-{id}"))
+    }
+
+    pub fn start_agent(&self, o: &AgentOptions) -> anyhow::Result<Proc> {
+        let config = self.agent_config(o)?;
+        let proc = Proc::spawn(
+            &format!("edge-agent {}", o.id),
+            Command::new(bin("edge-agent"))
+                .arg("run")
+                .arg("--config")
+                .arg(config)
+                .env("RUST_LOG", "info"),
+            self.dir.path().join(format!("agent-{}.log", o.id)),
+        )?;
+        wait_for_port(o.metrics_port, Duration::from_secs(20))?;
+        Ok(proc)
+    }
+
+    /// Starts the device simulator; wait for it with [`Publisher::wait`].
+    pub fn publish(
+        &self,
+        devices: u32,
+        messages: u64,
+        rate: u64,
+        bad_every: u64,
+    ) -> anyhow::Result<Publisher> {
+        let out = self.dir.path().join(format!("devsim-{}.out", free_port()));
+        let proc = Proc::spawn(
+            "devsim",
+            Command::new(bin("devsim"))
+                .arg("--port")
+                .arg(self.mqtt.port.to_string())
+                .arg("--devices")
+                .arg(devices.to_string())
+                .arg("--messages")
+                .arg(messages.to_string())
+                .arg("--rate")
+                .arg(rate.to_string())
+                .arg("--bad-every")
+                .arg(bad_every.to_string())
+                .arg("--client-id")
+                .arg(format!("devsim-{}", free_port())),
+            out.clone(),
+        )?;
+        Ok(Publisher { proc, out })
+    }
+
+    /// Records in the store now, from the running ingest's `/stats` (the
+    /// store's own count, so it survives ingest restarts, unlike a counter).
+    pub fn stored(&self) -> u64 {
+        http_get(self.ingest_metrics_port, "/stats")
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| v["total_records"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Everything in the store, as JSON lines. The ingest must be stopped
+    /// (the embedded store admits one process).
+    pub fn query_store(&self) -> anyhow::Result<String> {
+        let output = Command::new(bin("cloud-ingest"))
+            .arg("query")
+            .arg("--store")
+            .arg(&self.store)
+            .arg("--limit")
+            .arg("100000000")
+            .output()?;
+        if !output.status.success() {
+            bail!("query failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8(output.stdout)?)
+    }
+}
+
+pub struct Publisher {
+    pub proc: Proc,
+    out: PathBuf,
+}
+
+impl Publisher {
+    /// Waits for the simulator to finish; returns how many messages the broker acknowledged.
+    pub fn wait(mut self, timeout: Duration) -> anyhow::Result<u64> {
+        if !wait_until(timeout, || !self.proc.is_running()) {
+            bail!("devsim still running after {timeout:?}");
+        }
+        let text = std::fs::read_to_string(&self.out)?;
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| format!("devsim printed no summary: {text}"))?;
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        v["acknowledged"].as_u64().context("acknowledged")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+}

@@ -1,0 +1,414 @@
+//! The telemetry spine, end to end, across real processes: simulated devices
+//! → Mosquitto → edge-agent → mTLS gRPC → cloud-ingest → embedded store.
+//! Every test counts records: nothing lost, nothing duplicated.
+
+use std::time::Duration;
+
+use edgefleet_tests::{check_delivery, http_get, metric, wait_until, AgentOptions, Fleet};
+use rand::Rng;
+
+const DRAIN: Duration = Duration::from_secs(120);
+
+fn agent_metric(o: &AgentOptions, name: &str, labels: &str) -> f64 {
+    http_get(o.metrics_port, "/metrics")
+        .ok()
+        .and_then(|text| metric(&text, name, labels))
+        .unwrap_or(0.0)
+}
+
+/// Stops the ingest gracefully and reads back everything it stored.
+fn final_delivery(
+    fleet: &mut Fleet,
+    devices: u32,
+    messages: u64,
+    skip: impl Fn(u64) -> bool,
+) -> edgefleet_tests::Delivery {
+    let code = fleet
+        .ingest
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(code, Some(0), "ingest exits cleanly on SIGTERM");
+    let out = fleet.query_store().unwrap();
+    check_delivery(&out, devices, messages, skip).unwrap()
+}
+
+#[test]
+fn a_steady_stream_is_stored_exactly_once_in_order() {
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    fleet.start_ingest().unwrap();
+    let agent = AgentOptions::new("gw-1");
+    let mut proc = fleet.start_agent(&agent).unwrap();
+    let (devices, messages) = (5, 400);
+    let published = fleet
+        .publish(devices, messages, 2000, 0)
+        .unwrap()
+        .wait(Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(published, u64::from(devices) * messages);
+    assert!(
+        wait_until(DRAIN, || fleet.stored() >= published),
+        "stored {} of {published}; agent log:\n{}",
+        fleet.stored(),
+        proc.log_text()
+    );
+    assert_eq!(
+        agent_metric(&agent, "edge_records_in_total", "source=\"mqtt\""),
+        published as f64
+    );
+    // Graceful agent stop: exit 0, goodbye, buffer flushed.
+    assert_eq!(proc.terminate(Duration::from_secs(30)).unwrap(), Some(0));
+    let d = final_delivery(&mut fleet, devices, messages, |_| false);
+    assert_eq!(
+        (d.stored, d.duplicates, d.lost, d.out_of_order),
+        (published, 0, 0, 0),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn sigkill_of_the_agent_under_load_loses_and_duplicates_nothing() {
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    fleet.start_ingest().unwrap();
+    let agent = AgentOptions::new("gw-1");
+    let mut proc = fleet.start_agent(&agent).unwrap();
+    let (devices, messages) = (4, 1500);
+    let mut publisher = fleet.publish(devices, messages, 1500, 0).unwrap();
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    while publisher.is_running() && kills < 5 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1200)));
+        proc.kill9();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..500)));
+        proc = fleet.start_agent(&agent).unwrap();
+    }
+    assert!(kills >= 3, "the agent was killed {kills} times only");
+    let published = publisher.wait(Duration::from_secs(120)).unwrap();
+    assert!(
+        wait_until(DRAIN, || fleet.stored() >= published),
+        "stored {} of {published}",
+        fleet.stored()
+    );
+    // Let any (wrong) late duplicates arrive before counting.
+    std::thread::sleep(Duration::from_secs(1));
+    drop(proc);
+    let d = final_delivery(&mut fleet, devices, messages, |_| false);
+    assert_eq!(
+        (d.stored, d.duplicates, d.lost, d.out_of_order),
+        (published, 0, 0, 0),
+        "{kills} kills: {d:?}"
+    );
+}
+
+#[test]
+fn sigkill_of_the_ingest_under_load_loses_and_duplicates_nothing() {
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    fleet.start_ingest().unwrap();
+    let agent = AgentOptions::new("gw-1");
+    let _proc = fleet.start_agent(&agent).unwrap();
+    let (devices, messages) = (4, 1500);
+    let mut publisher = fleet.publish(devices, messages, 1500, 0).unwrap();
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    while publisher.is_running() && kills < 4 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1200)));
+        fleet.ingest.as_mut().unwrap().kill9();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..700)));
+        fleet.start_ingest().unwrap();
+    }
+    assert!(kills >= 2, "the ingest was killed {kills} times only");
+    let published = publisher.wait(Duration::from_secs(120)).unwrap();
+    assert!(wait_until(DRAIN, || fleet.stored() >= published));
+    std::thread::sleep(Duration::from_secs(1));
+    let d = final_delivery(&mut fleet, devices, messages, |_| false);
+    assert_eq!(
+        (d.stored, d.duplicates, d.lost, d.out_of_order),
+        (published, 0, 0, 0),
+        "{kills} kills: {d:?}"
+    );
+}
+
+#[test]
+fn with_the_ingest_down_the_agent_buffers_then_drains_and_counts_drops_exactly() {
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    fleet.start_ingest().unwrap();
+    let mut agent = AgentOptions::new("gw-1");
+    agent.max_bytes = "1MiB".into();
+    agent.when_full = "dropOldest";
+    let _proc = fleet.start_agent(&agent).unwrap();
+    // A first wave goes straight through.
+    let first = fleet
+        .publish(2, 200, 2000, 0)
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap();
+    assert!(wait_until(DRAIN, || fleet.stored() >= first));
+    // Ingest down (gracefully, so nothing is stored without being acked).
+    fleet
+        .ingest
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(30))
+        .unwrap();
+    // Far more than 1 MiB of records while the ingest is away.
+    let second = fleet
+        .publish(2, 6000, 0, 0)
+        .unwrap()
+        .wait(Duration::from_secs(120))
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(30), || {
+        agent_metric(&agent, "edge_records_in_total", "source=\"mqtt\"") >= (first + second) as f64
+    }));
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(agent.metrics_port, "/status").unwrap()).unwrap();
+    let buffered = status["buffer"]["bytes"].as_u64().unwrap();
+    assert!(
+        buffered <= 1 << 20,
+        "buffer holds {buffered} bytes, over its 1 MiB cap"
+    );
+    assert!(wait_until(Duration::from_secs(5), || agent_metric(
+        &agent,
+        "edge_dropped_records_total",
+        "reason=\"buffer_full\""
+    ) > 0.0));
+    // Back up: the backlog drains.
+    fleet.start_ingest().unwrap();
+    let dropped = || {
+        agent_metric(
+            &agent,
+            "edge_dropped_records_total",
+            "reason=\"buffer_full\"",
+        ) as u64
+    };
+    let total = first + second;
+    assert!(
+        wait_until(DRAIN, || fleet.stored() + dropped() >= total),
+        "stored {} + dropped {} < {total}",
+        fleet.stored(),
+        dropped()
+    );
+    let dropped = dropped();
+    let out = {
+        fleet
+            .ingest
+            .as_mut()
+            .unwrap()
+            .terminate(Duration::from_secs(30))
+            .unwrap();
+        fleet.query_store().unwrap()
+    };
+    let stored = out.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    assert_eq!(
+        stored + dropped,
+        total,
+        "stored {stored} + dropped {dropped} must equal published {total}"
+    );
+    assert!(
+        dropped > 1000,
+        "the cap must have forced drops, got {dropped}"
+    );
+    // What was dropped is the oldest part of the outage, never a duplicate.
+    let mut seen = std::collections::HashSet::new();
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(
+            seen.insert((
+                v["device"].as_str().unwrap().to_string(),
+                v["signals"]["n"].as_u64().unwrap()
+            )),
+            "duplicate {line}"
+        );
+    }
+}
+
+#[test]
+fn malformed_payloads_are_dead_lettered_and_the_rest_flows() {
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    fleet.start_ingest().unwrap();
+    let agent = AgentOptions::new("gw-1");
+    let mut proc = fleet.start_agent(&agent).unwrap();
+    let (devices, messages, bad_every) = (3, 300, 10);
+    let published = fleet
+        .publish(devices, messages, 2000, bad_every)
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap();
+    let bad = u64::from(devices) * (messages / bad_every);
+    assert!(wait_until(DRAIN, || fleet.stored() >= published - bad));
+    assert_eq!(
+        agent_metric(&agent, "edge_decode_errors_total", "source=\"mqtt\""),
+        bad as f64
+    );
+    assert!(
+        proc.log_text().contains("payload rejected"),
+        "the agent logs each rejected payload"
+    );
+    assert!(
+        proc.log_text().contains("devices/dev-000/telemetry"),
+        "with its topic"
+    );
+    proc.terminate(Duration::from_secs(30)).unwrap();
+    let letters = std::process::Command::new(edgefleet_tests::bin("edge-agent"))
+        .args(["dead-letters", "--data-dir"])
+        .arg(fleet.agent_data_dir("gw-1"))
+        .output()
+        .unwrap();
+    let letters = String::from_utf8(letters.stdout).unwrap();
+    assert_eq!(letters.lines().count() as u64, bad, "{letters}");
+    assert!(letters.contains("invalid JSON at line 1"));
+    let d = final_delivery(&mut fleet, devices, messages, |n| {
+        n % bad_every == bad_every - 1
+    });
+    assert_eq!((d.duplicates, d.lost), (0, 0), "{d:?}");
+}
+
+#[test]
+fn agents_with_untrusted_or_expired_certificates_are_refused_and_others_unaffected() {
+    let mut fleet = Fleet::new(&["gw-good"]).unwrap();
+    fleet.start_ingest().unwrap();
+    // A certificate from another CA, and an expired one from the right CA.
+    let rogue = edgefleet_pki::dev::init(
+        &fleet.dir.path().join("rogue"),
+        &["gw-rogue".into()],
+        &["localhost".into()],
+    )
+    .unwrap();
+    edgefleet_pki::dev::issue_agent(
+        &fleet.pki,
+        "gw-old",
+        edgefleet_pki::dev::Validity::expired(),
+    )
+    .unwrap();
+    let mut rogue_opts = AgentOptions::new("gw-rogue");
+    rogue_opts.cert = Some((rogue.agent_cert("gw-rogue"), rogue.agent_key("gw-rogue")));
+    let mut old_opts = AgentOptions::new("gw-old");
+    old_opts.cert = Some((
+        fleet.pki.agent_cert("gw-old"),
+        fleet.pki.agent_key("gw-old"),
+    ));
+    let good = AgentOptions::new("gw-good");
+    let rogue_proc = fleet.start_agent(&rogue_opts).unwrap();
+    let old_proc = fleet.start_agent(&old_opts).unwrap();
+    let _good_proc = fleet.start_agent(&good).unwrap();
+    // Each agent has its own MQTT session and so gets every message.
+    let published = fleet
+        .publish(2, 100, 1000, 0)
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap();
+    assert!(wait_until(DRAIN, || fleet.stored() >= published));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        fleet.stored(),
+        published,
+        "only the good agent's records are stored"
+    );
+    // The refused agents keep their data buffered and say why they are refused.
+    assert!(wait_until(Duration::from_secs(10), || rogue_proc
+        .log_text()
+        .contains("uplink session ended")));
+    assert!(wait_until(Duration::from_secs(10), || old_proc
+        .log_text()
+        .contains("uplink session ended")));
+    assert_eq!(
+        agent_metric(&rogue_opts, "edge_buffer_records", ""),
+        published as f64
+    );
+    let ingest_metrics = http_get(fleet.ingest_metrics_port, "/metrics").unwrap();
+    let rejects = |reason: &str| {
+        metric(
+            &ingest_metrics,
+            "ingest_rejects_total",
+            &format!("reason=\"{reason}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        rejects("unknown_ca") >= 1.0,
+        "ingest counts the foreign CA:\n{ingest_metrics}"
+    );
+    assert!(
+        rejects("expired_certificate") >= 1.0,
+        "ingest counts the expired certificate:\n{ingest_metrics}"
+    );
+    let log = fleet.ingest_log().to_lowercase();
+    assert!(
+        log.contains("expired"),
+        "ingest names the expired certificate:\n{log}"
+    );
+}
+
+#[test]
+fn a_corrupt_buffer_is_quarantined_and_the_agent_carries_on() {
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    fleet.start_ingest().unwrap();
+    let agent = AgentOptions::new("gw-1");
+    let mut proc = fleet.start_agent(&agent).unwrap();
+    let first = fleet
+        .publish(1, 50, 500, 0)
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap();
+    assert!(wait_until(DRAIN, || fleet.stored() >= first));
+    proc.terminate(Duration::from_secs(30)).unwrap();
+    // Damage every file of the buffer.
+    let buffer = fleet.agent_data_dir("gw-1").join("buffer");
+    let mut files = vec![buffer.clone()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            let len = std::fs::metadata(&path).unwrap().len().max(256) as usize;
+            std::fs::write(&path, vec![0x5Au8; len]).unwrap();
+        }
+    }
+    let proc = fleet.start_agent(&agent).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || proc
+            .log_text()
+            .contains("BUFFER CORRUPT")),
+        "{}",
+        proc.log_text()
+    );
+    assert_eq!(
+        agent_metric(&agent, "edge_buffer_quarantined_total", ""),
+        1.0
+    );
+    assert!(
+        fleet
+            .agent_data_dir("gw-1")
+            .join("quarantine")
+            .read_dir()
+            .unwrap()
+            .count()
+            == 1
+    );
+    // The fresh buffer anchors past what the ingest stored and new data flows.
+    let second = fleet
+        .publish(1, 50, 500, 0)
+        .unwrap()
+        .wait(Duration::from_secs(60))
+        .unwrap();
+    assert!(
+        wait_until(DRAIN, || fleet.stored() >= first + second),
+        "stored {}",
+        fleet.stored()
+    );
+    let out = {
+        fleet
+            .ingest
+            .as_mut()
+            .unwrap()
+            .terminate(Duration::from_secs(30))
+            .unwrap();
+        fleet.query_store().unwrap()
+    };
+    assert_eq!(
+        out.lines().count() as u64,
+        first + second,
+        "new records are not taken for duplicates"
+    );
+}

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# CAN tests on a real SocketCAN stack, in a qemu VM (this machine's kernel has
+# no CAN; a stock Debian kernel under qemu does). See tests/vm/README.md.
+#
+#   tests/vm/run-can-tests.sh [--arch x86_64|aarch64] [--profile dev|release] [--no-build]
+#
+# 1. installs what it needs on Debian 12 (qemu, busybox-static, cpio, musl-tools)
+#    and downloads Debian's kernel package (cached under target/vm-cache/);
+# 2. builds static musl binaries: edge-agent, cloud-ingest, edgefleet (for the
+#    PKI), cansim, cansim-check; for aarch64 it uses target/dist/aarch64-unknown-linux-musl/
+#    from cross/build.sh when present;
+# 3. packs an initramfs (busybox, the CAN modules, the binaries, guest-init.sh as /init);
+# 4. boots it with -net none and reads the PASS/FAIL marker from the console.
+# Exit status 0 only when the guest printed PASS.
+set -euo pipefail
+
+ARCH=x86_64
+PROFILE=dev
+BUILD=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --arch) ARCH=$2; shift 2 ;;
+        --profile) PROFILE=$2; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+VM_DIR=$ROOT/tests/vm
+CACHE=$ROOT/target/vm-cache/$ARCH
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BOOT_TIMEOUT=${VM_TIMEOUT:-240}
+mkdir -p "$CACHE"
+START=$(date +%s)
+log() { echo "[$(( $(date +%s) - START ))s] $*"; }
+die() { echo "run-can-tests: FAIL: $*" >&2; exit 1; }
+
+case "$ARCH" in
+    x86_64) DEBARCH=amd64; TRIPLE=x86_64-unknown-linux-musl; QEMU=qemu-system-x86_64; QEMU_PKG=qemu-system-x86 ;;
+    aarch64) DEBARCH=arm64; TRIPLE=aarch64-unknown-linux-musl; QEMU=qemu-system-aarch64; QEMU_PKG=qemu-system-arm ;;
+    *) die "--arch must be x86_64 or aarch64" ;;
+esac
+
+# ---- 1. host packages and the kernel --------------------------------------
+SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+need_pkgs=()
+command -v "$QEMU" >/dev/null || need_pkgs+=("$QEMU_PKG")
+command -v cpio >/dev/null || need_pkgs+=(cpio)
+command -v xz >/dev/null || need_pkgs+=(xz-utils)
+# The guest's busybox must be static: Debian's busybox-static is.
+[ "$ARCH" = x86_64 ] && { dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static); }
+[ "$ARCH" = x86_64 ] && [ "$BUILD" = 1 ] && { command -v musl-gcc >/dev/null || need_pkgs+=(musl-tools); }
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing ${need_pkgs[*]}"
+    $SUDO apt-get update -qq
+    $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+KPKG=$(apt-cache show "linux-image-$DEBARCH" 2>/dev/null | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -1)
+if [ -z "$KPKG" ] && [ "$ARCH" = aarch64 ]; then
+    log "adding the arm64 architecture to apt"
+    $SUDO dpkg --add-architecture arm64 && $SUDO apt-get update -qq
+    KPKG=$(apt-cache show "linux-image-$DEBARCH" 2>/dev/null | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -1)
+fi
+[ -n "$KPKG" ] || { $SUDO apt-get update -qq; KPKG=$(apt-cache show "linux-image-$DEBARCH" | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -1); }
+[ -n "$KPKG" ] || die "cannot find the Debian kernel package for $DEBARCH"
+KDIR=$CACHE/$KPKG
+if [ ! -d "$KDIR/boot" ]; then
+    log "downloading $KPKG"
+    rm -rf "$KDIR" "$CACHE"/linux-image-*.deb
+    if [ "$ARCH" = aarch64 ]; then
+        (cd "$CACHE" && apt-get download "$KPKG:arm64" >/dev/null)
+    else
+        (cd "$CACHE" && apt-get download "$KPKG" >/dev/null)
+    fi
+    dpkg -x "$CACHE"/linux-image-*.deb "$KDIR.tmp" && mv "$KDIR.tmp" "$KDIR"
+    rm -f "$CACHE"/linux-image-*.deb
+fi
+KVER=${KPKG#linux-image-}
+KMOD=$KDIR/lib/modules/$KVER/kernel
+if [ "$ARCH" = x86_64 ]; then
+    KERNEL=$CACHE/vmlinux-$KVER
+    if [ ! -s "$KERNEL" ]; then
+        # Booting the ELF inside the xz-compressed bzImage skips about 6 s of
+        # decompression under emulation.
+        off=$(grep -abo $'\xfd7zXZ\x00' "$KDIR/boot/vmlinuz-$KVER" | head -1 | cut -d: -f1)
+        tail -c +$((off + 1)) "$KDIR/boot/vmlinuz-$KVER" | xz -dc --single-stream > "$KERNEL.tmp" 2>/dev/null || true
+        [ -s "$KERNEL.tmp" ] || die "cannot extract vmlinux from vmlinuz-$KVER"
+        mv "$KERNEL.tmp" "$KERNEL"
+    fi
+    BUSYBOX=/bin/busybox
+else
+    KERNEL=$KDIR/boot/vmlinuz-$KVER
+    BUSYBOX=$CACHE/busybox-arm64/bin/busybox
+    if [ ! -x "$BUSYBOX" ]; then
+        log "downloading busybox-static:arm64"
+        (cd "$CACHE" && rm -f busybox-static_*.deb && apt-get download busybox-static:arm64 >/dev/null)
+        dpkg -x "$CACHE"/busybox-static_*.deb "$CACHE/busybox-arm64" && rm -f "$CACHE"/busybox-static_*.deb
+    fi
+fi
+
+# ---- 2. static binaries -----------------------------------------------------
+# Every binary the guest runs, and where each comes from.
+BINS=(edge-agent cloud-ingest edgefleet cansim cansim-check)
+declare -A BIN_PATH
+if [ "$PROFILE" = dev ]; then OUT=$TARGET_DIR/$TRIPLE/debug; else OUT=$TARGET_DIR/$TRIPLE/$PROFILE; fi
+DIST=$ROOT/target/dist/$TRIPLE
+cargo_musl() { # cargo_musl PACKAGE-AND-BIN-ARGS...
+    rustup target list --installed 2>/dev/null | grep -qx "$TRIPLE" || rustup target add "$TRIPLE"
+    (cd "$ROOT" && cargo build --profile "$PROFILE" --target "$TRIPLE" "$@")
+}
+if [ "$ARCH" = x86_64 ]; then
+    if [ "$BUILD" = 1 ]; then
+        # ring and zstd-sys compile C: musl-gcc (musl-tools) is the C compiler
+        # for the musl target; Rust links the result statically itself.
+        export CC_x86_64_unknown_linux_musl=musl-gcc
+        log "building ${BINS[*]} for $TRIPLE ($PROFILE)"
+        cargo_musl -p edge-agent -p cloud-ingest -p edgefleet -p edgefleet-cansim \
+            --bin edge-agent --bin cloud-ingest --bin edgefleet --bin cansim --bin cansim-check
+    fi
+    for b in "${BINS[@]}"; do BIN_PATH[$b]=$OUT/$b; done
+else
+    # The product binaries come from cross/ (its toolchain builds ring and
+    # zstd-sys for aarch64 musl). cansim and cansim-check are pure Rust, so
+    # rustup's target and rust-lld build them without a C cross compiler.
+    if [ "$BUILD" = 1 ] && [ -x "$ROOT/cross/build.sh" ]; then
+        log "building the aarch64 product binaries with cross/build.sh"
+        "$ROOT/cross/build.sh" || die "cross/build.sh failed"
+    fi
+    for b in edge-agent cloud-ingest edgefleet; do BIN_PATH[$b]=$DIST/$b; done
+    if [ "$BUILD" = 1 ]; then
+        log "building cansim, cansim-check for $TRIPLE ($PROFILE, rust-lld)"
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld cargo_musl -p edgefleet-cansim --bin cansim --bin cansim-check
+    fi
+    for b in cansim cansim-check; do BIN_PATH[$b]=$OUT/$b; done
+fi
+for b in "${BINS[@]}"; do
+    [ -x "${BIN_PATH[$b]}" ] && continue
+    [ "$ARCH" = aarch64 ] && die "missing ${BIN_PATH[$b]}: the aarch64 product binaries come from cross/build.sh (into $DIST)"
+    die "missing ${BIN_PATH[$b]} (drop --no-build to build it)"
+done
+
+# ---- 3. initramfs -----------------------------------------------------------
+log "packing the initramfs"
+RD=$CACHE/initramfs
+rm -rf "$RD"
+mkdir -p "$RD"/{bin,sbin,usr/bin,lib/can,etc/edgefleet,proc,sys,dev,tmp}
+cp "$BUSYBOX" "$RD/bin/busybox"
+for applet in sh mount insmod ip sleep seq cat grep sed cut tail head wc wget kill sync poweroff echo printf basename; do
+    ln -sf busybox "$RD/bin/$applet"
+done
+cp "$KMOD/net/can/can.ko" "$KMOD/net/can/can-raw.ko" "$KMOD/drivers/net/can/dev/can-dev.ko" \
+   "$KMOD/drivers/net/can/vcan.ko" "$RD/lib/can/" || die "CAN modules not found under $KMOD"
+STRIP=strip
+[ "$ARCH" = aarch64 ] && STRIP="$(command -v aarch64-linux-gnu-strip || echo true)"
+for b in "${BINS[@]}"; do
+    cp "${BIN_PATH[$b]}" "$RD/usr/bin/$b"
+    $STRIP "$RD/usr/bin/$b" 2>/dev/null || true
+done
+cp "$VM_DIR/test.dbc" "$VM_DIR/agent.yaml" "$RD/etc/edgefleet/"
+cp "$VM_DIR/guest-init.sh" "$RD/init"
+chmod +x "$RD/init"
+(cd "$RD" && find . | cpio -o -H newc --quiet | gzip -1) > "$CACHE/initrd.cpio.gz"
+log "initramfs: $(du -h "$CACHE/initrd.cpio.gz" | cut -f1)"
+
+# ---- 4. boot ------------------------------------------------------------------
+CONSOLE=$CACHE/console.log
+log "booting $KVER under $QEMU (timeout ${BOOT_TIMEOUT}s); console: $CONSOLE"
+if [ "$ARCH" = x86_64 ]; then
+    qemu_cmd=("$QEMU" -M pc -m 512 -smp 2 -nodefaults -serial stdio -display none -net none
+        -kernel "$KERNEL" -initrd "$CACHE/initrd.cpio.gz"
+        -append "console=ttyS0 quiet panic=-1" -no-reboot)
+else
+    qemu_cmd=("$QEMU" -M virt -cpu cortex-a57 -m 512 -smp 2 -nographic -net none
+        -kernel "$KERNEL" -initrd "$CACHE/initrd.cpio.gz"
+        -append "console=ttyAMA0 quiet panic=-1" -no-reboot)
+fi
+BOOT_START=$(date +%s)
+set +e
+timeout "$BOOT_TIMEOUT" "${qemu_cmd[@]}" </dev/null 2>&1 | tee "$CONSOLE"
+status=${PIPESTATUS[0]}
+set -e
+log "VM ran $(( $(date +%s) - BOOT_START ))s"
+[ "$status" = 124 ] && die "the VM did not finish within ${BOOT_TIMEOUT}s (see $CONSOLE)"
+if grep -q "^EDGEFLEET-VM-CAN-TEST: PASS" "$CONSOLE"; then
+    log "PASS ($ARCH)"
+    exit 0
+fi
+marker=$(grep -a "^EDGEFLEET-VM-CAN-TEST:" "$CONSOLE" | tail -1)
+die "${marker:-no result marker on the console (qemu exit $status)}; see $CONSOLE"
