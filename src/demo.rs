@@ -286,6 +286,7 @@ sources:
       host: 127.0.0.1
       port: {mqtt_port}
       clientId: {AGENT_ID}
+      cleanSession: true
       subscriptions:
         - topic: plant/+/telemetry
           qos: 1
@@ -419,6 +420,9 @@ async fn device(d: u32, port: u16, rate: u32, published: Arc<Published>, stop: C
             published.0[d as usize].fetch_add(1, Ordering::Relaxed);
         }
     }
+    // rumqttd can discard a message it has acknowledged but not yet routed
+    // when its publisher disconnects at once; give the router a moment.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = client.try_disconnect();
 }
 
