@@ -102,9 +102,16 @@ pub fn parse_str(text: &str, origin: &str) -> Result<AgentConfig, ConfigError> {
             let path = clean_path(&err.path().to_string());
             let inner = err.into_inner();
             let location = inner.location();
+            // serde_yaml_ng prefixes its message with the path we report
+            // on our own.
+            let message = strip_location(&inner.to_string());
+            let message = message
+                .strip_prefix(&format!("{path}: "))
+                .map(str::to_string)
+                .unwrap_or(message);
             let first = Problem {
                 path,
-                message: strip_location(&inner.to_string()),
+                message,
                 line: location.as_ref().map(|l| l.line()),
                 column: location.as_ref().map(|l| l.column()),
             };

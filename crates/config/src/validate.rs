@@ -301,6 +301,11 @@ mod tests {
         assert_eq!(problems[0].path, "buffer.whenFull");
         assert_eq!(problems[0].line, Some(7));
         assert!(
+            !problems[0].message.contains("buffer.whenFull"),
+            "path said once: {}",
+            problems[0]
+        );
+        assert!(
             problems[0].message.contains("unknown variant `sometimes`"),
             "{}",
             problems[0]
@@ -308,7 +313,7 @@ mod tests {
         assert!(
             problems
                 .iter()
-                .any(|p| p.path == "metrics" && p.message.contains("lisen")),
+                .any(|p| p.path == "metrics.lisen" && p.message.contains("unknown field")),
             "{err}"
         );
     }

@@ -48,11 +48,16 @@ pub fn decode(payload: &[u8]) -> Result<DecodedJson, PayloadError> {
     for (key, value) in map {
         match key.as_str() {
             "ts" => {
-                let ms = value
-                    .as_f64()
-                    .filter(|v| v.is_finite() && *v >= 0.0)
-                    .ok_or_else(|| PayloadError::BadTimestamp(key.clone()))?;
-                timestamp_ns = Some((ms * 1e6) as i64);
+                // Integer milliseconds stay exact; f64 would round at ns scale.
+                let ns = match value.as_i64() {
+                    Some(ms) if ms >= 0 => ms.checked_mul(1_000_000),
+                    Some(_) => None,
+                    None => value
+                        .as_f64()
+                        .filter(|v| v.is_finite() && *v >= 0.0 && *v < 9.2e12)
+                        .map(|ms| (ms * 1e6) as i64),
+                };
+                timestamp_ns = Some(ns.ok_or_else(|| PayloadError::BadTimestamp(key.clone()))?);
             }
             "timestamp_ns" => {
                 timestamp_ns = Some(
@@ -133,14 +138,16 @@ mod tests {
         assert_eq!(d.timestamp_ns, Some(1_700_000_000_123_000_000));
         assert_eq!(
             names(&d),
+            // Object keys come out sorted (serde_json's map), so the
+            // signal order is stable whatever order the device used.
             [
-                ("temp", &signal::Value::F64(21.5)),
                 ("count", &signal::Value::I64(3)),
-                ("on", &signal::Value::Bool(true)),
                 ("mode", &signal::Value::Str("eco".into())),
-                ("motor.rpm", &signal::Value::I64(1200)),
                 ("motor.i.0", &signal::Value::F64(1.5)),
                 ("motor.i.1", &signal::Value::I64(2)),
+                ("motor.rpm", &signal::Value::I64(1200)),
+                ("on", &signal::Value::Bool(true)),
+                ("temp", &signal::Value::F64(21.5)),
             ]
         );
     }
