@@ -42,10 +42,11 @@ step "edge-agent decode on a cansim log"
 cansim --dbc /etc/edgefleet/test.dbc --output /tmp/sim.log --log-interface can0 --count 500 >/tmp/sim-log.json || fail "cansim --output"
 decoded=$(edge-agent decode --dbc /etc/edgefleet/test.dbc /tmp/sim.log 2>/tmp/decode.err | grep -c '"message": ')
 [ "$decoded" = 500 ] || fail "edge-agent decode printed $decoded of 500 frames: $(tail -n 3 /tmp/decode.err)"
-printf 'VERSION ""\n\nBO_ 1 Broken: 8 X\n SG_ S : 0|99@1+ (1,0) [0|1] "" X\n' >/tmp/bad.dbc
+# Line 15 of test.dbc is a signal: break it; the error must name file and line.
+sed '15s/.*/ SG_ Broken oops/' /etc/edgefleet/test.dbc >/tmp/bad.dbc
 edge-agent decode --dbc /tmp/bad.dbc /tmp/sim.log >/dev/null 2>/tmp/bad.err
 rc=$?
-[ $rc = 2 ] && grep -q '/tmp/bad.dbc:4' /tmp/bad.err || fail "bad DBC: exit $rc, stderr: $(cat /tmp/bad.err)"
+[ $rc = 2 ] && grep -q '/tmp/bad.dbc:15:' /tmp/bad.err || fail "bad DBC: exit $rc, stderr: $(cat /tmp/bad.err)"
 
 step "making a development PKI"
 edgefleet certs init /tmp/pki --agents 1 >/dev/null || fail "edgefleet certs init"
