@@ -28,8 +28,13 @@ cargo test --locked -p edgefleet-config -p edgefleet-pki -p edgefleet-buffer -p 
   -p cloud-ingest -p edgefleet-can -p edgefleet-fleet -p edgefleet-tests -- --test-threads=2
 
 step "demo (short run, must report nothing lost or duplicated)"
-summary=$(cargo run --locked --quiet -- demo --duration 8s --devices 5 --rate 100 --json)
+demo_status=0
+summary=$(cargo run --locked --quiet -- demo --duration 8s --devices 5 --rate 100 --json) || demo_status=$?
 echo "$summary"
+if [ "$demo_status" -ne 0 ]; then
+  echo "the demo failed (exit status $demo_status); its summary is above" >&2
+  exit 1
+fi
 python3 - "$summary" <<'PY'
 import json, sys
 s = json.loads(sys.argv[1])

@@ -120,6 +120,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ),
     );
 
+    // A broker discards what is published before anyone subscribes: let the
+    // agent's subscription be in place before the devices start.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.metrics.source_is_up("mqtt") {
+        if Instant::now() > deadline {
+            bail!("the agent did not subscribe to the embedded broker within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // Devices.
     let published = Arc::new(Published(
         (0..args.devices).map(|_| AtomicU64::new(0)).collect(),
@@ -155,8 +165,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         if !restarted && started.elapsed() >= args.duration / 2 {
             restarted = true;
             progress.note("stopping cloud-ingest for 3 s: the agent keeps buffering");
-            stored_before_restart += ingest.stored();
-            ingest.stop().await?;
+            // Read the count after the stop: a draining ingest still commits.
+            stored_before_restart += ingest.stop().await?;
             let outage = Instant::now();
             while outage.elapsed() < Duration::from_secs(3) {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -221,8 +231,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ns.sort_unstable();
         ns.dedup();
         let unique = ns.len() as u64;
-        let lost = (0..sent).filter(|n| ns.binary_search(n).is_err()).count() as u64;
-        summary.add(&device, sent, stored, stored - unique, lost);
+        let missing: Vec<u64> = (0..sent).filter(|n| ns.binary_search(n).is_err()).collect();
+        summary.add(&device, sent, stored, stored - unique, &missing);
     }
     summary.elapsed = started.elapsed();
     summary.ingest_restarts = u32::from(restarted);
@@ -454,10 +464,11 @@ impl IngestRun {
     fn is_up(&self) -> bool {
         !self.task.is_finished()
     }
-    async fn stop(self) -> anyhow::Result<()> {
+    /// Stops the ingest and returns how many records it stored in all.
+    async fn stop(self) -> anyhow::Result<u64> {
         self.stop.cancel();
         self.task.await??;
-        Ok(())
+        Ok(self.metrics.records_stored.get())
     }
 }
 
@@ -528,26 +539,41 @@ impl Progress {
     }
 }
 
+struct DeviceTally {
+    published: u64,
+    stored: u64,
+    duplicates: u64,
+    lost: u64,
+    /// The first few missing counters, to look them up in logs and stores.
+    missing_sample: Vec<u64>,
+}
+
 #[derive(Default)]
 struct Summary {
     published: u64,
     stored: u64,
     duplicates: u64,
     lost: u64,
-    devices: BTreeMap<String, (u64, u64, u64, u64)>,
+    devices: BTreeMap<String, DeviceTally>,
     elapsed: Duration,
     ingest_restarts: u32,
     buffer_dropped: u64,
 }
 
 impl Summary {
-    fn add(&mut self, device: &str, published: u64, stored: u64, duplicates: u64, lost: u64) {
+    fn add(&mut self, device: &str, published: u64, stored: u64, duplicates: u64, missing: &[u64]) {
         self.published += published;
         self.stored += stored;
         self.duplicates += duplicates;
-        self.lost += lost;
-        self.devices
-            .insert(device.into(), (published, stored, duplicates, lost));
+        self.lost += missing.len() as u64;
+        let tally = DeviceTally {
+            published,
+            stored,
+            duplicates,
+            lost: missing.len() as u64,
+            missing_sample: missing.iter().take(10).copied().collect(),
+        };
+        self.devices.insert(device.into(), tally);
     }
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -558,7 +584,7 @@ impl Summary {
             "ingest_restarts": self.ingest_restarts,
             "buffer_dropped": self.buffer_dropped,
             "elapsed_s": self.elapsed.as_secs_f64(),
-            "devices": self.devices.iter().map(|(k, (p, s, d, l))| (k.clone(), serde_json::json!({"published": p, "stored": s, "duplicates": d, "lost": l}))).collect::<serde_json::Map<_, _>>(),
+            "devices": self.devices.iter().map(|(k, t)| (k.clone(), serde_json::json!({"published": t.published, "stored": t.stored, "duplicates": t.duplicates, "lost": t.lost, "missing_sample": t.missing_sample}))).collect::<serde_json::Map<_, _>>(),
         })
     }
     fn print(&self) {
@@ -567,8 +593,17 @@ impl Summary {
             "{:<12} {:>10} {:>10} {:>11} {:>6}",
             "device", "published", "stored", "duplicates", "lost"
         );
-        for (device, (p, s, d, l)) in &self.devices {
-            println!("{device:<12} {p:>10} {s:>10} {d:>11} {l:>6}");
+        for (device, t) in &self.devices {
+            println!(
+                "{device:<12} {:>10} {:>10} {:>11} {:>6}",
+                t.published, t.stored, t.duplicates, t.lost
+            );
+            if !t.missing_sample.is_empty() {
+                println!(
+                    "{:<12} missing counters, first ones: {:?}",
+                    "", t.missing_sample
+                );
+            }
         }
         println!(
             "{:<12} {:>10} {:>10} {:>11} {:>6}",

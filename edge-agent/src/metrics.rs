@@ -204,6 +204,15 @@ impl Metrics {
             })
             .set(up as i64);
     }
+    /// Whether a source last reported itself up (MQTT: subscribed).
+    pub fn source_is_up(&self, source: &str) -> bool {
+        self.source_up
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .get()
+            == 1
+    }
     pub fn dropped(&self, reason: &str, n: u64) {
         self.dropped
             .get_or_create(&ReasonLabel {

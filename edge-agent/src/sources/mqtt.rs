@@ -11,7 +11,10 @@ use edgefleet_config::{MqttSource as MqttConfig, PayloadFormat};
 use edgefleet_proto::{record, RawPayload, Record};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
+    TlsConfiguration, Transport,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -95,12 +98,26 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     tracing::info!(source = %name, host = %config.host, port = config.port, session_present = ack.session_present, "MQTT connected");
                     backoff.reset();
-                    ctx.metrics.source_up(&label, true);
-                    for (topic, qos) in &subscriptions {
-                        if let Err(e) = client.try_subscribe(topic.clone(), *qos) {
-                            tracing::error!(source = %name, %topic, error = %e, "cannot subscribe");
+                    // One SUBSCRIBE for every filter, so one SUBACK says the
+                    // source is receiving; `source_up` waits for it because a
+                    // broker discards what is published before a subscription.
+                    let filters = subscriptions
+                        .iter()
+                        .map(|(topic, qos)| SubscribeFilter::new(topic.clone(), *qos));
+                    if let Err(e) = client.try_subscribe_many(filters) {
+                        tracing::error!(source = %name, error = %e, "cannot subscribe");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let mut all_granted = true;
+                    for ((topic, _), code) in subscriptions.iter().zip(&ack.return_codes) {
+                        if matches!(code, SubscribeReasonCode::Failure) {
+                            all_granted = false;
+                            tracing::error!(source = %name, %topic, "the broker refused the subscription");
                         }
                     }
+                    tracing::info!(source = %name, subscriptions = subscriptions.len(), all_granted, "MQTT subscribed");
+                    ctx.metrics.source_up(&label, true);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if publish.qos == QoS::AtMostOnce {
