@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# What CI runs for the aarch64 edge builds, in order, with the time of each
-# step. Stops at the first failure.
+# The aarch64 edge builds and checks, in CI order, with the time of each step
+# (scripts/test.sh runs this). Stops at the first failure.
 #
 #   cross/ci.sh
 #
-# Budget: CI has 90 minutes on 2 cores for everything; this part should stay
-# under ~25 minutes on a cold cache (see BENCHMARKS.md for measured times).
+# Honours CARGO_TARGET_DIR; EDGEFLEET_HARNESS_PACKAGES is passed on to
+# cross/test-aarch64.sh. Measured times: cross/README.md.
 set -euo pipefail
+# shellcheck source=cross/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$WORKSPACE_DIR"
 
@@ -14,22 +15,20 @@ timings=()
 run() {
   local name=$1
   shift
-  step "[cross ci] $name"
+  step "[cross] $name"
   local start=$SECONDS
   "$@"
-  timings+=("$(printf '%-34s %5d s' "$name" $((SECONDS - start)))")
+  timings+=("$(printf '%-44s %5d s' "$name" $((SECONDS - start)))")
 }
 
 total_start=$SECONDS
-run "setup (cross/setup.sh)" cross/setup.sh
-run "build (cross/build.sh)" cross/build.sh
-run "aarch64 unit tests under qemu" cross/test-aarch64.sh unit
-# The integration part needs EDGEFLEET_AGENT_CMD support in tests/src/lib.rs
-# (test-aarch64.sh checks and prints a loud SKIPPING banner without it).
-run "aarch64 integration tests (qemu)" cross/test-aarch64.sh integration
+run "setup" cross/setup.sh
+run "static binaries, aarch64 and x86_64 (edge)" cross/build.sh all
+run "edge-agent tests, aarch64 under qemu" cross/test-aarch64.sh unit
+run "integration tests, aarch64 agent (qemu)" cross/test-aarch64.sh integration
 run "container image check" deploy/container/check.sh
 run "systemd unit check" deploy/systemd/check.sh
 
-step "[cross ci] all passed; timings"
+step "[cross] all passed"
 printf '%s\n' "${timings[@]}"
-printf '%-34s %5d s\n' "total" $((SECONDS - total_start))
+printf '%-44s %5d s\n' "total" $((SECONDS - total_start))
