@@ -4,6 +4,11 @@
 //! The binaries are taken from the cargo target directory this test was
 //! built into; build them first (`cargo build --workspace --bins`, which the
 //! README's test command does).
+//!
+//! `EDGEFLEET_AGENT_CMD` replaces the `edge-agent` binary with another command
+//! (see [`agent_command`]), e.g. the static aarch64 agent under qemu-user:
+//! `EDGEFLEET_AGENT_CMD="qemu-aarch64-static target/dist/aarch64-unknown-linux-musl/edge-agent"`
+//! (`cross/test-aarch64.sh`). Everything else stays the host's.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -32,6 +37,28 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The environment variable that overrides how the edge agent is started.
+pub const AGENT_CMD_ENV: &str = "EDGEFLEET_AGENT_CMD";
+
+/// A command that runs `edge-agent`: the workspace binary, or the command in
+/// `EDGEFLEET_AGENT_CMD` when set (words split at whitespace: the program,
+/// then arguments that go before the agent's own; no quoting).
+pub fn agent_command() -> Command {
+    match std::env::var(AGENT_CMD_ENV) {
+        Ok(line) if !line.trim().is_empty() => {
+            let mut words = line.split_whitespace();
+            let mut command = Command::new(words.next().expect("non-empty"));
+            command.args(words);
+            command
+        }
+        Ok(_) => {
+            panic!("{AGENT_CMD_ENV} is set but empty; unset it to use the workspace's edge-agent")
+        }
+        Err(std::env::VarError::NotPresent) => Command::new(bin("edge-agent")),
+        Err(e) => panic!("{AGENT_CMD_ENV}: {e}"),
+    }
 }
 
 /// A free TCP port on loopback (bound and released; good enough on a test box).
@@ -403,7 +430,7 @@ metrics:
         let config = self.agent_config(o)?;
         let proc = Proc::spawn(
             &format!("edge-agent {}", o.id),
-            Command::new(bin("edge-agent"))
+            agent_command()
                 .arg("run")
                 .arg("--config")
                 .arg(config)

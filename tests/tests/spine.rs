@@ -251,7 +251,7 @@ fn malformed_payloads_are_dead_lettered_and_the_rest_flows() {
         "with its topic"
     );
     proc.terminate(Duration::from_secs(30)).unwrap();
-    let letters = std::process::Command::new(edgefleet_tests::bin("edge-agent"))
+    let letters = edgefleet_tests::agent_command()
         .args(["dead-letters", "--data-dir"])
         .arg(fleet.agent_data_dir("gw-1"))
         .output()
