@@ -2,7 +2,11 @@
 # CAN tests on a real SocketCAN stack, in a qemu VM (this machine's kernel has
 # no CAN; a stock Debian kernel under qemu does). See tests/vm/README.md.
 #
-#   tests/vm/run-can-tests.sh [--arch x86_64|aarch64] [--profile dev|release] [--no-build]
+#   tests/vm/run-can-tests.sh [--arch x86_64|aarch64] [--profile dev|release] [--no-build] [--glibc]
+#
+# --glibc (x86_64): use host-target (glibc) binaries and copy their shared
+# libraries into the guest instead of building static musl ones; quicker
+# when the host build is already there.
 #
 # 1. installs what it needs on Debian 12 (qemu, busybox-static, cpio, musl-tools)
 #    and downloads Debian's kernel package (cached under target/vm-cache/);
@@ -17,11 +21,13 @@ set -euo pipefail
 ARCH=x86_64
 PROFILE=dev
 BUILD=1
+GLIBC=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --arch) ARCH=$2; shift 2 ;;
         --profile) PROFILE=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
+        --glibc) GLIBC=1; shift ;;
         -h|--help) sed -n 2,14p "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -111,7 +117,15 @@ cargo_musl() { # cargo_musl PACKAGE-AND-BIN-ARGS...
     rustup target list --installed 2>/dev/null | grep -qx "$TRIPLE" || rustup target add "$TRIPLE"
     (cd "$ROOT" && cargo build --profile "$PROFILE" --target "$TRIPLE" "$@")
 }
-if [ "$ARCH" = x86_64 ]; then
+if [ "$ARCH" = x86_64 ] && [ "$GLIBC" = 1 ]; then
+    if [ "$BUILD" = 1 ]; then
+        log "building ${BINS[*]} for the host ($PROFILE)"
+        (cd "$ROOT" && cargo build --profile "$PROFILE" -p edge-agent -p cloud-ingest -p edgefleet -p edgefleet-cansim \
+            --bin edge-agent --bin cloud-ingest --bin edgefleet --bin cansim --bin cansim-check)
+    fi
+    if [ "$PROFILE" = dev ]; then OUT=$TARGET_DIR/debug; else OUT=$TARGET_DIR/$PROFILE; fi
+    for b in "${BINS[@]}"; do BIN_PATH[$b]=$OUT/$b; done
+elif [ "$ARCH" = x86_64 ]; then
     if [ "$BUILD" = 1 ]; then
         # ring and zstd-sys compile C: musl-gcc (musl-tools) is the C compiler
         # for the musl target; Rust links the result statically itself.
@@ -159,6 +173,13 @@ for b in "${BINS[@]}"; do
     cp "${BIN_PATH[$b]}" "$RD/usr/bin/$b"
     $STRIP "$RD/usr/bin/$b" 2>/dev/null || true
 done
+if [ "$GLIBC" = 1 ]; then
+    # The dynamic loader and every library the binaries link, at their paths.
+    for b in "${BINS[@]}"; do ldd "${BIN_PATH[$b]}"; done | grep -o '/[^ ]*' | sort -u | while read -r lib; do
+        mkdir -p "$RD$(dirname "$lib")" && cp -L "$lib" "$RD$lib"
+    done
+    [ -e "$RD/lib64" ] || ln -s lib "$RD/lib64" 2>/dev/null || true
+fi
 cp "$VM_DIR/test.dbc" "$VM_DIR/agent.yaml" "$RD/etc/edgefleet/"
 cp "$VM_DIR/guest-init.sh" "$RD/init"
 chmod +x "$RD/init"

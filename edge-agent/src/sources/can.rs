@@ -20,7 +20,8 @@
 //! * an interface going down (`ip link set can0 down`, or a controller
 //!   restart after bus-off) keeps the socket: it stays bound to the
 //!   interface and receives again as soon as it is up, so no frame sent
-//!   after the interface is back is missed by a reopen delay;
+//!   after the interface is back is missed by a reopen delay; the state
+//!   (read from the interface flags each second) shows in `source_up`;
 //! * an interface that disappears (unregistered) is reopened with backoff.
 //!
 //! Error frames are requested from the kernel and counted by class
@@ -50,6 +51,9 @@ const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// cushion for a slow fsync (the kernel socket queue holds only a few
 /// hundred frames).
 const QUEUE_FRAMES: usize = 16_384;
+/// Kernel receive queue asked for per socket (the kernel doubles it for
+/// bookkeeping): several seconds of a saturated 500 kbit/s bus.
+const RECEIVE_QUEUE_BYTES: libc::c_int = 2 << 20;
 /// How often the kernel's drop counter is read.
 const DROP_POLL: Duration = Duration::from_secs(1);
 
@@ -184,6 +188,19 @@ impl Socket {
         }
     }
 
+    /// The socket's receive queue size as the kernel reports it.
+    fn receive_queue_bytes(&self) -> Option<u64> {
+        let mut buf = [0u8; 4];
+        let n = match self {
+            Socket::Classic(s) => {
+                s.get_socket_option_bytes(libc::SOL_SOCKET, libc::SO_RCVBUF, &mut buf)
+            }
+            Socket::Fd(s) => s.get_socket_option_bytes(libc::SOL_SOCKET, libc::SO_RCVBUF, &mut buf),
+        }
+        .ok()?;
+        (n == 4).then(|| u64::from(u32::from_ne_bytes(buf)))
+    }
+
     /// The kernel's count of frames this socket dropped because its receive
     /// queue was full (`sk_drops`, via `SO_MEMINFO`), if available.
     fn kernel_drops(&self) -> Option<u64> {
@@ -201,6 +218,19 @@ fn configure(socket: &impl SocketOptions, config: &CanConfig) -> io::Result<()> 
         socket.set_filters(&filters)?;
     }
     socket.set_error_filter_accept_all()?;
+    // The default receive queue (rmem_default, ~300 frames) covers well under
+    // a second of a busy bus: a scheduling hiccup on a small board would cost
+    // frames. SO_RCVBUFFORCE passes net.core.rmem_max but needs
+    // CAP_NET_ADMIN, which the shipped deployments do not grant; SO_RCVBUF
+    // then gets at most rmem_max, so gateways raise that sysctl (see
+    // deploy/k3s/README.md). The size obtained is logged at open.
+    if socket
+        .set_socket_option_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RECEIVE_QUEUE_BYTES)
+        .is_err()
+    {
+        let _ =
+            socket.set_socket_option_int(libc::SOL_SOCKET, libc::SO_RCVBUF, RECEIVE_QUEUE_BYTES);
+    }
     // Kernel receive time, taken when the frame entered the stack: closer to
     // the bus than anything measured after the queue.
     socket.set_recv_timestamp(true)?;
@@ -288,7 +318,7 @@ async fn read_loop(config: CanConfig, ctx: SourceContext, tx: mpsc::Sender<Recei
                 }
             }
         };
-        tracing::info!(source = %name, fd = config.fd, filters = config.filters.len(), "CAN interface open");
+        tracing::info!(source = %name, fd = config.fd, filters = config.filters.len(), receive_queue_bytes = socket.receive_queue_bytes(), "CAN interface open");
         ctx.metrics.source_up(&name, true);
         let mut up = true;
         // The backoff resets on the first frame, not at open: an interface
@@ -302,7 +332,25 @@ async fn read_loop(config: CanConfig, ctx: SourceContext, tx: mpsc::Sender<Recei
                     count_drops(&socket, &mut drops_seen, &ctx, &name);
                     return;
                 }
-                _ = drop_poll.tick() => count_drops(&socket, &mut drops_seen, &ctx, &name),
+                _ = drop_poll.tick() => {
+                    count_drops(&socket, &mut drops_seen, &ctx, &name);
+                    // A down interface makes reads wait rather than fail
+                    // (vcan, and real controllers that go quiet), so the
+                    // link state is also read from its flags.
+                    match link_is_up(&name) {
+                        Some(false) if up => {
+                            up = false;
+                            ctx.metrics.source_up(&name, false);
+                            tracing::warn!(source = %name, "CAN interface is down; waiting for it to come back");
+                        }
+                        Some(true) if !up => {
+                            up = true;
+                            ctx.metrics.source_up(&name, true);
+                            tracing::info!(source = %name, "CAN interface is up again");
+                        }
+                        _ => {}
+                    }
+                }
                 read = socket.read() => match read {
                     Ok((Some(frame), ts)) => {
                         if std::mem::take(&mut first_frame) {
@@ -348,6 +396,15 @@ async fn read_loop(config: CanConfig, ctx: SourceContext, tx: mpsc::Sender<Recei
             }
         }
     }
+}
+
+/// Whether the interface is administratively up (`IFF_UP` in
+/// `/sys/class/net/<iface>/flags`); `None` when that cannot be read (no
+/// sysfs, or the interface is gone, which the next read reports).
+fn link_is_up(iface: &str) -> Option<bool> {
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{iface}/flags")).ok()?;
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()?;
+    Some(flags & libc::IFF_UP as u32 != 0)
 }
 
 fn count_drops(socket: &Socket, seen: &mut u64, ctx: &SourceContext, name: &str) {

@@ -316,14 +316,10 @@ this is not candump
         s.buffer.read_from(1, 100_000, usize::MAX).unwrap()
     }
 
-    fn summary(
-        r: &Record,
-    ) -> (
-        String,
-        String,
-        i64,
-        Vec<(String, Option<signal::Value>, String)>,
-    ) {
+    /// (name, value, label) of one signal, or (content type, None, hex) of raw bytes.
+    type SignalSummary = (String, Option<signal::Value>, String);
+
+    fn summary(r: &Record) -> (String, String, i64, Vec<SignalSummary>) {
         let signals = match &r.value {
             Some(record::Value::Signals(s)) => s
                 .signals
