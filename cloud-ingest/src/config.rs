@@ -90,6 +90,8 @@ pub enum TlsMode {
 #[derive(Debug, Clone)]
 pub enum SinkConfig {
     Embedded(EmbeddedConfig),
+    /// Store nothing, acknowledge at once (transport benchmarks only).
+    Discard,
 }
 
 /// The embedded sled store.

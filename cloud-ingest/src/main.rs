@@ -89,8 +89,12 @@ struct ServeArgs {
     #[arg(long, conflicts_with_all = ["cert", "key", "client_ca"])]
     insecure_plaintext_dev_only: bool,
     /// Directory of the embedded store (created if missing).
-    #[arg(long, env = "CLOUD_INGEST_STORE")]
-    store: PathBuf,
+    #[arg(long, env = "CLOUD_INGEST_STORE", required_unless_present = "discard")]
+    store: Option<PathBuf>,
+    /// Store nothing and acknowledge every batch at once: measures the
+    /// transport (TLS, gRPC, sessions) alone. Benchmarks only; data is lost.
+    #[arg(long, conflicts_with = "store")]
+    discard: bool,
     /// Delete records ingested longer ago than this (e.g. 7d, 12h).
     #[arg(long, value_parser = parse_duration, env = "CLOUD_INGEST_RETENTION_AGE")]
     retention_age: Option<Duration>,
@@ -275,14 +279,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
             client_ca,
         }
     };
-    let sink = SinkConfig::Embedded(EmbeddedConfig {
-        dir: args.store,
-        retention: Retention {
-            max_age: args.retention_age,
-            max_bytes: args.retention_bytes,
-            interval: args.retention_interval,
-        },
-    });
+    let sink = match args.store {
+        Some(dir) if !args.discard => SinkConfig::Embedded(EmbeddedConfig {
+            dir,
+            retention: Retention {
+                max_age: args.retention_age,
+                max_bytes: args.retention_bytes,
+                interval: args.retention_interval,
+            },
+        }),
+        _ => SinkConfig::Discard,
+    };
     let mut config = IngestConfig::new(args.listen, tls, sink);
     config.metrics_listen = args.metrics_listen.0;
     config.health_listen = args.health_listen;

@@ -94,6 +94,7 @@ impl Ingest {
                 let store = Arc::new(store);
                 (store.clone(), Some(store))
             }
+            SinkConfig::Discard => (Arc::new(crate::sink::DiscardSink::default()), None),
         };
         let grpc = bind(config.listen, "--listen").await?;
         let admin = match config.metrics_listen {
@@ -228,7 +229,9 @@ impl Ingest {
             tokio::spawn(admin::serve(listener, state, stopped.clone()))
         });
         let retention_task = embedded.as_ref().and_then(|store| {
-            let SinkConfig::Embedded(c) = &config.sink;
+            let SinkConfig::Embedded(c) = &config.sink else {
+                return None;
+            };
             let active = c.retention.max_age.is_some() || c.retention.max_bytes.is_some();
             active.then(|| {
                 tokio::spawn(retention_loop(

@@ -401,7 +401,9 @@ async fn reopening_the_store_keeps_stored_through() {
 async fn retention_deletes_the_oldest_records_and_keeps_stored_through() {
     let fx = Fixture::new();
     let mut config = fx.config();
-    let cloud_ingest::SinkConfig::Embedded(store) = &mut config.sink;
+    let cloud_ingest::SinkConfig::Embedded(store) = &mut config.sink else {
+        unreachable!("the harness configures the embedded store")
+    };
     store.retention.max_bytes = Some(1_000);
     store.retention.interval = Duration::from_millis(50);
     let server = Server::start(config).await;

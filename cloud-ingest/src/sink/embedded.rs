@@ -128,6 +128,18 @@ impl EmbeddedStore {
         self.db.flush().map(drop).map_err(|e| self.io(e))
     }
 
+    /// When each record was committed: `(ingest_ns, agent, seq)` in commit
+    /// order (the `T` index). `ingest_ns` is taken when the commit starts,
+    /// just before its write and fsync.
+    pub fn ingest_times(&self, mut emit: impl FnMut(u64, &str, u64)) -> Result<(), SinkError> {
+        for entry in self.tree.scan_prefix([BY_TIME]) {
+            let (key, _) = entry.map_err(|e| self.io(e))?;
+            let (ingest_ns, agent, seq) = self.parse_time_key(&key)?;
+            emit(ingest_ns as u64, agent, seq);
+        }
+        Ok(())
+    }
+
     /// Bytes of all stored records as retention counts them.
     pub fn stored_bytes(&self) -> Result<u64, SinkError> {
         self.read_u64(META_BYTES)

@@ -5,12 +5,14 @@
 //! before a sink sees the records: every sink therefore gets exactly-once
 //! storage by implementing two methods. Each sink is one module here.
 
+pub mod discard;
 pub mod embedded;
 
 use std::path::PathBuf;
 
 use edgefleet_proto::Record;
 
+pub use discard::DiscardSink;
 pub use embedded::EmbeddedStore;
 
 /// One agent's records for one commit: new (never stored) records in
