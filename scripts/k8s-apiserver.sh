@@ -10,7 +10,15 @@
 #   scripts/k8s-apiserver.sh check   start if needed; install the CRD, create every
 #                                    site's EdgePipeline, expect bad ones refused,
 #                                    patch a status (tests/k8s/apiserver_check.py)
+#   scripts/k8s-apiserver.sh test    check, then the edge agent following an EdgePipeline
+#                                    on this server (tests/tests/k8s_pipeline.rs: real
+#                                    edge-agent, Mosquitto, cloud-ingest); stops the
+#                                    server afterwards if it started it
 #   scripts/k8s-apiserver.sh stop    stop what start started
+#
+# Exit status: 0 passed; 3 the server could not be had (sid packages could not be
+# downloaded, or no dpkg-deb) - nothing was tested, which is NOT a pass;
+# anything else: a failure.
 #
 # The kubeconfig (admin: a client certificate with O=system:masters) is
 # written to $RUN/kubeconfig; `start` prints it. Cache: $EDGEFLEET_APISERVER_CACHE
@@ -30,6 +38,16 @@ say() { printf '==> %s\n' "$*"; }
 fail() {
     printf 'k8s-apiserver: %s\n' "$*" >&2
     exit 1
+}
+# The server cannot be had here: say so loudly, exit 3 (callers decide
+# whether that may pass; scripts/test.sh does not, unless told).
+unavailable() {
+    {
+        printf '\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n'
+        printf '!!! k8s-apiserver: NO API SERVER, NOTHING TESTED: %s\n' "$*"
+        printf '!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n'
+    } >&2
+    exit 3
 }
 timed() { # timed LABEL COMMAND...
     local start=$SECONDS
@@ -61,12 +79,12 @@ download() {
     mkdir -p "$apt/empty" "$apt/lists/partial" "$apt/cache/archives/partial" "$CACHE/debs"
     echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $(mirror) sid main" >"$apt/sources.list"
     # shellcheck disable=SC2046
-    apt-get $(apt_options) update -qq
+    apt-get $(apt_options) update -qq || return 1
     local go_package packages
     # The Go toolchain sid builds its Go packages with, e.g. golang-1.26-go.
     # shellcheck disable=SC2046
     go_package=$(apt-cache $(apt_options) depends golang-go | sed -n 's/.*Depends: \(golang-1\.[0-9]*-go\)$/\1/p' | head -n1)
-    [ -n "$go_package" ] || fail "cannot find sid's Go toolchain package"
+    [ -n "$go_package" ] || { echo "cannot find sid's Go toolchain package" >&2; return 1; }
     # shellcheck disable=SC2046
     packages=$(apt-cache $(apt_options) depends --recurse --no-recommends --no-suggests \
         --no-conflicts --no-breaks --no-replaces --no-enhances \
@@ -74,7 +92,9 @@ download() {
     echo "    $(wc -w <<<"$packages") Go source packages, $go_package, etcd-server"
     # shellcheck disable=SC2046,SC2086
     (cd "$CACHE/debs" && apt-get $(apt_options) download -qq $packages "$go_package" \
-        "${go_package%-go}-src" etcd-server)
+        "${go_package%-go}-src" etcd-server) || return 1
+    # Only a complete download counts: a partial one is fetched again.
+    touch "$CACHE/debs/.complete"
 }
 
 unpack() {
@@ -99,10 +119,15 @@ compile() {
 }
 
 build() {
-    command -v dpkg-deb >/dev/null || fail "needs dpkg-deb (Debian)"
-    if [ -z "$(ls "$CACHE"/debs/*.deb 2>/dev/null)" ]; then
+    # Built before (the server and the unpacked etcd): nothing to fetch.
+    if [ -x "$BIN" ] && [ -n "$(find "$UNPACKED/usr/bin" -name etcd -type f 2>/dev/null)" ]; then
+        return
+    fi
+    command -v dpkg-deb >/dev/null || unavailable "needs dpkg-deb (Debian)"
+    if [ ! -f "$CACHE/debs/.complete" ]; then
         say "download sid packages"
-        timed download download
+        timed download download || unavailable "cannot download Debian sid's packages for apiextensions-apiserver and etcd (network or mirror)"
+        rm -rf "$UNPACKED"
     fi
     if [ ! -d "$UNPACKED/usr/share/gocode" ]; then
         say "unpack"
@@ -212,6 +237,21 @@ EOF
     say "ready: export KUBECONFIG=$RUN/kubeconfig"
 }
 
+# check, then the agent's pipeline test; stops the server if it was not running.
+test_pipeline() {
+    local was_running=
+    running apiserver && was_running=1
+    [ -n "$was_running" ] || trap stop EXIT
+    check
+    say "edge-agent following an EdgePipeline (tests/tests/k8s_pipeline.rs)"
+    local start=$SECONDS
+    (cd "$ROOT_DIR" && EDGEFLEET_TEST_KUBECONFIG=$RUN/kubeconfig EDGEFLEET_K8S_REQUIRED=1 \
+        cargo test --locked -q -p edgefleet-tests --test k8s_pipeline -- --nocapture) \
+        || fail "the edge agent's EdgePipeline test failed"
+    printf '    k8s_pipeline: %ds\n' $((SECONDS - start))
+    say "the edge agent follows its EdgePipeline on a real API server"
+}
+
 stop() {
     local name
     for name in apiserver etcd; do
@@ -237,6 +277,7 @@ case ${1:-} in
 build) build ;;
 start) start ;;
 check) check ;;
+test) test_pipeline ;;
 stop) stop ;;
-*) fail "usage: $0 build|start|check|stop" ;;
+*) fail "usage: $0 build|start|check|test|stop" ;;
 esac

@@ -48,9 +48,31 @@ if [ -x scripts/check-k8s.sh ]; then
   scripts/check-k8s.sh
 fi
 
+step "the edge agent and its EdgePipeline on a real Kubernetes API server"
+# Builds apiextensions-apiserver and etcd from Debian sid packages the first
+# time (~5 min on 2 cores, cached), puts the CRD and sites through it, then
+# runs tests/tests/k8s_pipeline.rs. Exit status 3 means the server could not
+# be had (packages not downloadable): that is not a pass, unless
+# EDGEFLEET_APISERVER_OPTIONAL=1 says so for this run.
+apiserver_status=0
+scripts/k8s-apiserver.sh test || apiserver_status=$?
+apiserver_untested=
+if [ "$apiserver_status" -eq 3 ] && [ "${EDGEFLEET_APISERVER_OPTIONAL:-0}" = 1 ]; then
+  apiserver_untested=1
+  echo "WARNING: the API server test did NOT run (EDGEFLEET_APISERVER_OPTIONAL=1); see above"
+elif [ "$apiserver_status" -ne 0 ]; then
+  echo "the API server step failed (exit status $apiserver_status; 3: the server could not be built," \
+    "set EDGEFLEET_APISERVER_OPTIONAL=1 to let that pass)" >&2
+  exit 1
+fi
+
 step "clippy (reported; not yet a gate while the CAN and cross work lands)"
 if ! cargo clippy --workspace --all-targets --locked -- -D warnings; then
   echo "WARNING: clippy found problems (see above); they must be fixed before clippy becomes a gate again"
 fi
 
-step "all checks passed"
+if [ -n "$apiserver_untested" ]; then
+  step "all checks passed EXCEPT the API server test, which did not run"
+else
+  step "all checks passed"
+fi

@@ -9,8 +9,12 @@
 //!   configuration and restarts them when the configuration changes, without
 //!   ever closing the buffer.
 //! * [`metrics`]: Prometheus metrics and the health endpoints.
+//! * `pipeline` (feature `kubernetes`): the configuration from an
+//!   `EdgePipeline` custom resource, and the agent's state into its status.
 
 pub mod metrics;
+#[cfg(feature = "kubernetes")]
+pub mod pipeline;
 pub mod sources;
 pub mod supervisor;
 pub mod telemetry;

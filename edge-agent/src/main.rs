@@ -19,10 +19,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent with a configuration file (reloaded when it changes).
+    /// Run the agent with a configuration file (reloaded when it changes),
+    /// or with the spec of an EdgePipeline custom resource (followed live;
+    /// the agent's state is written to its status).
+    #[command(
+        after_help = "Examples:\n  edge-agent run --config /etc/edgefleet/agent.yaml\n  edge-agent run --pipeline edge-agent --namespace edgefleet   # in-cluster credentials or KUBECONFIG"
+    )]
     Run {
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The configuration file.
+        #[arg(
+            long,
+            short,
+            required_unless_present = "pipeline",
+            conflicts_with = "pipeline"
+        )]
+        config: Option<PathBuf>,
+        /// Name of the EdgePipeline to follow.
+        #[arg(long, value_name = "NAME")]
+        pipeline: Option<String>,
+        /// Namespace of the EdgePipeline (default: the pod's, or the kubeconfig context's).
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: Option<String>,
+        /// This Kubernetes node's name (the downward API's spec.nodeName):
+        /// keys the agent's entry in the status and makes MQTT client ids
+        /// unique (default: the host name).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Write the status at least this often (and within a second of a change).
+        #[arg(long, value_name = "SECONDS", default_value_t = 15,
+              value_parser = clap::value_parser!(u64).range(1..=600))]
+        status_interval: u64,
+        /// Keep the last applied spec in this file and start from it when the
+        /// API server cannot be reached.
+        #[arg(long, value_name = "FILE")]
+        pipeline_cache: Option<PathBuf>,
     },
     /// Check a configuration file and report every problem with its field path.
     CheckConfig { file: PathBuf },
@@ -73,7 +103,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            pipeline,
+            namespace,
+            node_name,
+            status_interval,
+            pipeline_cache,
+        } => {
+            let feed = match (config, pipeline) {
+                (Some(config), _) => Feed::File(config),
+                (None, Some(name)) => Feed::Pipeline {
+                    name,
+                    namespace,
+                    node: node_name.unwrap_or_else(host_name),
+                    status_interval: std::time::Duration::from_secs(status_interval),
+                    cache_file: pipeline_cache,
+                },
+                (None, None) => unreachable!("clap requires one of them"),
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -84,7 +132,13 @@ fn main() -> ExitCode {
             runtime.block_on(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                match Agent::run(ConfigFeed::File(config), shutdown, None).await {
+                let result = match feed {
+                    Feed::File(config) => Agent::run(ConfigFeed::File(config), shutdown, None)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Feed::Pipeline { .. } => run_pipeline(feed, shutdown).await,
+                };
+                match result {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e}");
@@ -94,6 +148,55 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+// Without the `kubernetes` feature a pipeline is refused before its fields are read.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
+enum Feed {
+    File(PathBuf),
+    Pipeline {
+        name: String,
+        namespace: Option<String>,
+        node: String,
+        status_interval: std::time::Duration,
+        cache_file: Option<PathBuf>,
+    },
+}
+
+#[cfg(feature = "kubernetes")]
+async fn run_pipeline(feed: Feed, shutdown: CancellationToken) -> Result<(), String> {
+    let Feed::Pipeline {
+        name,
+        namespace,
+        node,
+        status_interval,
+        cache_file,
+    } = feed
+    else {
+        unreachable!("called for pipelines only")
+    };
+    let options = edge_agent::pipeline::PipelineOptions {
+        name,
+        namespace,
+        node,
+        status_interval,
+        cache_file,
+    };
+    edge_agent::pipeline::run(options, shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn run_pipeline(_feed: Feed, _shutdown: CancellationToken) -> Result<(), String> {
+    Err("this edge-agent was built without Kubernetes support (cargo feature `kubernetes`): use --config".into())
+}
+
+/// The kernel's host name, for `--node-name` outside a pod.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 fn decode(dbc: &[PathBuf], log: &std::path::Path) -> ExitCode {

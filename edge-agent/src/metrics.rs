@@ -1,8 +1,9 @@
 //! Prometheus metrics and the health endpoints (`/metrics`, `/healthz`,
 //! `/readyz`, `/status`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use edgefleet_buffer::BufferStats;
@@ -21,6 +22,11 @@ struct SourceLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HashLabel {
+    hash: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,11 +59,18 @@ pub struct Metrics {
     buffer_write_errors: Gauge,
     redeliveries_deduplicated: Gauge,
     config_reloads: Family<ReasonLabel, Counter>,
+    config_info: Family<HashLabel, Gauge>,
     can_frames: Family<CanLabel, Counter>,
     can_error_frames: Family<CanErrorLabel, Counter>,
     last_dropped_full: AtomicU64,
     ready: AtomicBool,
     status: Mutex<serde_json::Value>,
+    /// Wall-clock time (Unix ns) of the last ack that covered records; 0: none yet.
+    last_acked_ns: AtomicI64,
+    /// Sources that stopped with an error, and why (until the next configuration).
+    source_failures: Mutex<BTreeMap<String, String>>,
+    /// Hash of the configuration sources and uplink run with.
+    running_config: Mutex<String>,
 }
 
 impl Default for Metrics {
@@ -85,11 +98,15 @@ impl Metrics {
             buffer_write_errors: Gauge::default(),
             redeliveries_deduplicated: Gauge::default(),
             config_reloads: Family::default(),
+            config_info: Family::default(),
             can_frames: Family::default(),
             can_error_frames: Family::default(),
             last_dropped_full: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             status: Mutex::new(serde_json::Value::Null),
+            last_acked_ns: AtomicI64::new(0),
+            source_failures: Mutex::new(BTreeMap::new()),
+            running_config: Mutex::new(String::new()),
         };
         let r = &mut m.registry;
         r.register(
@@ -167,6 +184,11 @@ impl Metrics {
             "Configuration reloads, by result",
             m.config_reloads.clone(),
         );
+        r.register(
+            "config_info",
+            "1 for the hash of the configuration the agent runs",
+            m.config_info.clone(),
+        );
         r.register("can_frames", "CAN frames received, by source and kind (decoded, reduced_away, unknown, short, remote)", m.can_frames.clone());
         r.register(
             "can_error_frames",
@@ -239,6 +261,36 @@ impl Metrics {
     pub fn acked(&self, records: u64, through: u64) {
         self.records_acked.inc_by(records);
         self.acked_seq.set(through as i64);
+        if records > 0 {
+            self.last_acked_ns.store(crate::now_ns(), Ordering::Relaxed);
+        }
+    }
+    /// When the ingest last acknowledged records (Unix ns), if it has since start.
+    pub fn last_acked_ns(&self) -> Option<i64> {
+        Some(self.last_acked_ns.load(Ordering::Relaxed)).filter(|ns| *ns > 0)
+    }
+    /// Whether a session with the ingest is up.
+    pub fn uplink_is_connected(&self) -> bool {
+        self.uplink_connected.get() == 1
+    }
+    /// Records that a source stopped with an error it will not recover from.
+    pub fn source_failed(&self, source: &str, message: String) {
+        self.source_failures
+            .lock()
+            .expect("not poisoned")
+            .insert(source.into(), message);
+    }
+    /// Forgets source failures: a new configuration starts every source anew.
+    pub fn clear_source_failures(&self) {
+        self.source_failures.lock().expect("not poisoned").clear();
+    }
+    /// Why the source stopped, if it did.
+    pub fn source_failure(&self, source: &str) -> Option<String> {
+        self.source_failures
+            .lock()
+            .expect("not poisoned")
+            .get(source)
+            .cloned()
     }
     pub fn uplink_reconnect(&self) {
         self.uplink_reconnects.inc();
@@ -258,6 +310,27 @@ impl Metrics {
     }
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+    /// Records which configuration sources and uplink now run with.
+    pub fn set_running_config(&self, hash: &str) {
+        let mut running = self.running_config.lock().expect("not poisoned");
+        if !running.is_empty() {
+            self.config_info.remove(&HashLabel {
+                hash: running.clone(),
+            });
+        }
+        self.config_info
+            .get_or_create(&HashLabel { hash: hash.into() })
+            .set(1);
+        *running = hash.into();
+    }
+    /// Hash of the configuration running now; empty before the first start.
+    pub fn running_config(&self) -> String {
+        self.running_config.lock().expect("not poisoned").clone()
+    }
+    /// What `/readyz` answers: a configuration is applied and running.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
     pub fn set_status(&self, status: serde_json::Value) {
         *self.status.lock().expect("not poisoned") = status;

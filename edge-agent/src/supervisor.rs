@@ -55,6 +55,18 @@ impl Agent {
         shutdown: CancellationToken,
         on_ready: Option<oneshot::Sender<AgentHandle>>,
     ) -> Result<(), AgentError> {
+        Self::run_on_node(feed, None, shutdown, on_ready).await
+    }
+
+    /// [`run`](Self::run) as the agent of Kubernetes node `node`, one of
+    /// several sharing a configuration: sources run with
+    /// [`AgentConfig::for_node`] (unique MQTT client ids).
+    pub async fn run_on_node(
+        feed: ConfigFeed,
+        node: Option<String>,
+        shutdown: CancellationToken,
+        on_ready: Option<oneshot::Sender<AgentHandle>>,
+    ) -> Result<(), AgentError> {
         let (mut config, mut updates) = match feed {
             ConfigFeed::File(path) => {
                 let config = edgefleet_config::load_file(&path)?;
@@ -95,7 +107,8 @@ impl Agent {
 
         loop {
             let generation = shutdown.child_token();
-            let tasks = start(&config, &buffer, &metrics, &generation);
+            let tasks = start(&config, node.as_deref(), &buffer, &metrics, &generation);
+            metrics.set_running_config(&config.hash());
             metrics.set_ready(true);
             tracing::info!(config_hash = %config.hash(), sources = tasks.len() - 1, "agent running");
             let next = tokio::select! {
@@ -176,21 +189,29 @@ async fn open_buffer(
 
 fn start(
     config: &AgentConfig,
+    node: Option<&str>,
     buffer: &Buffer,
     metrics: &Arc<Metrics>,
     generation: &CancellationToken,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    for source in sources::from_config(config) {
+    metrics.clear_source_failures();
+    let sources = match node {
+        Some(node) => sources::from_config(&config.for_node(node)),
+        None => sources::from_config(config),
+    };
+    for source in sources {
         let name = source.name().to_string();
         let ctx = SourceContext {
             buffer: buffer.clone(),
             metrics: metrics.clone(),
             shutdown: generation.clone(),
         };
+        let metrics = metrics.clone();
         tasks.spawn(async move {
             if let Err(e) = source.run(ctx).await {
                 tracing::error!(source = %name, error = %e, "source stopped");
+                metrics.source_failed(&name, e.to_string());
             }
         });
     }

@@ -79,6 +79,10 @@ pub struct MqttSource {
     pub port: u16,
     /// Client id; with `cleanSession: false` the broker keeps the session
     /// (subscriptions and unacknowledged QoS 1 messages) under this id.
+    /// When the agent follows an `EdgePipeline` (one spec for every gateway
+    /// of a site), `{node}` is replaced by the Kubernetes node name, and an
+    /// id without `{node}` gets `-<node name>` appended, so two gateways
+    /// never share (and keep taking over) one broker session.
     pub client_id: String,
     #[serde(default)]
     pub clean_session: bool,
@@ -454,5 +458,40 @@ impl AgentConfig {
         use sha2::Digest;
         let canonical = serde_json::to_vec(self).expect("config serialises");
         hex::encode(sha2::Sha256::digest(canonical))
+    }
+
+    /// The configuration as the agent on Kubernetes node `node` runs it:
+    /// MQTT client ids made unique per node (see [`MqttSource::client_id`]).
+    /// [`hash`](Self::hash) stays that of the shared configuration.
+    pub fn for_node(&self, node: &str) -> AgentConfig {
+        let mut config = self.clone();
+        for mqtt in &mut config.sources.mqtt {
+            mqtt.client_id = if mqtt.client_id.contains(NODE_PLACEHOLDER) {
+                mqtt.client_id.replace(NODE_PLACEHOLDER, node)
+            } else {
+                format!("{}-{node}", mqtt.client_id)
+            };
+        }
+        config
+    }
+}
+
+/// Replaced by the node name in MQTT client ids (see [`AgentConfig::for_node`]).
+pub const NODE_PLACEHOLDER: &str = "{node}";
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_become_unique_per_node() {
+        let config: AgentConfig = serde_yaml_ng::from_str(
+            "sources:\n  mqtt:\n    - {host: a, clientId: 'gw-{node}-x', subscriptions: [{topic: t}]}\n    - {name: b, host: a, clientId: site, subscriptions: [{topic: t}]}\nuplink: {endpoint: 'https://i:1', caFile: c, certFile: c, keyFile: k}\n",
+        )
+        .unwrap();
+        let node = config.for_node("gw-7");
+        assert_eq!(node.sources.mqtt[0].client_id, "gw-gw-7-x");
+        assert_eq!(node.sources.mqtt[1].client_id, "site-gw-7");
+        assert_eq!(config.sources.mqtt[0].client_id, "gw-{node}-x");
     }
 }

@@ -10,7 +10,9 @@
 mod crd;
 mod error;
 mod resource;
+#[cfg(feature = "manifests")]
 mod site;
+#[cfg(feature = "manifests")]
 mod validate;
 
 pub use crd::{crd, crd_yaml, openapi_schema, CRD_PATH};
@@ -19,8 +21,10 @@ pub use resource::{
     Backlog, EdgePipeline, EdgePipelineSpec, EdgePipelineStatus, NodeStatus, SourceState,
     SourceStatus, CONDITION_DEGRADED, CONDITION_READY, GROUP, VERSION,
 };
+#[cfg(feature = "manifests")]
 pub use site::{
     add_site, validate_label, validate_site_name, SiteFiles, SiteOptions, Wave, AGENT_NAMESPACE,
     DEFAULT_REPO_URL, PIPELINE_NAME, ROLE_LABEL, SITE_LABEL, WAVE_LABEL,
 };
+#[cfg(feature = "manifests")]
 pub use validate::{check_site_render, PipelineValidator};

@@ -2,7 +2,7 @@
 //!
 //! Its `spec` is the agent's configuration ([`AgentConfig`]) unchanged, so a
 //! spec can be copied into the agent's YAML file and back. The `status` is
-//! written by the agents (phase 2) and read by people (`kubectl get`), by
+//! written by the agents (`edge-agent run --pipeline`) and read by people (`kubectl get`), by
 //! Argo CD's health check (`gitops/argocd/argocd-cm.yaml`) and by the
 //! progressive rollout, which waits for `Healthy`.
 
@@ -105,9 +105,15 @@ impl From<AgentConfig> for EdgePipelineSpec {
 /// What the site's agents report: a summary of the site, and one entry per
 /// gateway node in `nodes`.
 //
-// Several agents (one per node of the DaemonSet) share one `EdgePipeline`:
-// each rewrites only its own `nodes` entry, then recomputes the summary with
-// `summarise`, so the summary is right whichever agent wrote last.
+// Several agents (one per node of the DaemonSet) share one `EdgePipeline`.
+// Each writes with server-side apply under a field manager of its own
+// (`edge-agent@<node>`): `nodes` is a map list keyed by `node`, so an agent
+// owns its entry and can neither overwrite nor delete another's. It applies
+// its entry together with the summary it recomputed (`summarise`) from every
+// entry of the object it last read, with that object's resourceVersion as a
+// precondition, so a summary never misses an entry written in between (on a
+// conflict it reads again and recomputes). The summary fields change owner
+// with every write (applied with force): they are shared, the entries are not.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgePipelineStatus {
@@ -180,8 +186,14 @@ pub enum SourceState {
 pub struct NodeStatus {
     /// The Kubernetes node the agent runs on.
     pub node: String,
-    /// The generation of the spec this agent runs.
+    /// The newest generation of the spec this agent has acted on: applied,
+    /// or refused as invalid (then `degradedReason` is `InvalidSpec` and
+    /// `appliedGeneration` the generation it still runs).
     pub observed_generation: i64,
+    /// The generation of the spec this agent runs (after a restart without
+    /// the API server: the one it saved when it last applied a spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_generation: Option<i64>,
     pub ready: bool,
     /// Set when the agent degrades (uplink down past its ack timeout, buffer
     /// full, a source failed); a short CamelCase reason.
@@ -362,6 +374,7 @@ mod tests {
         NodeStatus {
             node: name.into(),
             observed_generation: generation,
+            applied_generation: Some(generation),
             ready: true,
             degraded_reason: None,
             message: None,

@@ -127,6 +127,7 @@ fn statuses_written_by_the_rust_types_map_as_intended() {
     let node = |name: &str, generation: i64, degraded: Option<&str>| NodeStatus {
         node: name.into(),
         observed_generation: generation,
+        applied_generation: Some(generation),
         ready: true,
         degraded_reason: degraded.map(str::to_string),
         message: None,
