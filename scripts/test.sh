@@ -43,6 +43,11 @@ assert s["lost"] == 0 and s["duplicates"] == 0 and s["stored"] == s["published"]
 print(f"demo ok: {s['published']} published, {s['stored']} stored, 0 lost, 0 duplicated")
 PY
 
+step "benchmark harness (each scenario for a couple of seconds; proves it runs, checks no figure)"
+for scenario in spine fan-in; do
+  cargo run --locked --quiet -p edgefleet-bench -- "$scenario" --quick
+done
+
 if [ -x scripts/check-k8s.sh ]; then
   step "Kubernetes manifests and GitOps"
   scripts/check-k8s.sh

@@ -1,0 +1,163 @@
+//! A minimal agent on the wire: one mTLS gRPC stream speaking
+//! `edgefleet.telemetry.v1` (Hello, batches within credit, acks), with no
+//! buffer behind it. Used for the transport-alone rate and for fan-in.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use edgefleet_proto::telemetry_client::TelemetryClient;
+use edgefleet_proto::{
+    agent_message, ingest_message, record, AgentMessage, Hello, IngestMessage, Record, RecordBatch,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// The record the MQTT source makes of [`crate::mqtt::payload`].
+pub fn sample_record(device: u32, n: u64) -> Record {
+    let body = crate::mqtt::payload(n, device, crate::mqtt::now_ns());
+    let decoded = edge_agent::sources::json::decode(body.as_bytes()).expect("sample payload");
+    Record {
+        seq: 0,
+        source: "mqtt".into(),
+        device_id: format!("dev-{device:05}"),
+        timestamp_ns: decoded.timestamp_ns.unwrap_or_default(),
+        value: Some(record::Value::Signals(decoded.signals)),
+    }
+}
+
+pub struct AgentStream {
+    tx: mpsc::Sender<AgentMessage>,
+    inbound: tonic::Streaming<IngestMessage>,
+    credit: usize,
+    next_seq: u64,
+    /// (last seq, records, sent at) of batches awaiting their ack.
+    inflight: VecDeque<(u64, u64, Instant)>,
+    pub acked_records: u64,
+}
+
+impl AgentStream {
+    pub async fn connect(
+        port: u16,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        agent_id: &str,
+    ) -> anyhow::Result<AgentStream> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
+            .identity(Identity::from_pem(
+                std::fs::read(cert)?,
+                std::fs::read(key)?,
+            ))
+            .domain_name("localhost");
+        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(8 << 20))
+            .connect()
+            .await
+            .context("connecting")?;
+        let mut client = TelemetryClient::new(channel)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+        tx.send(AgentMessage {
+            kind: Some(agent_message::Kind::Hello(Hello {
+                protocol_revision: edgefleet_proto::PROTOCOL_REVISION,
+                agent_id: agent_id.into(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                config_hash: "bench".into(),
+                buffer_epoch: 1,
+                buffer_anchored: true,
+                first_unacked_seq: 1,
+                next_seq: 1,
+            })),
+        })
+        .await?;
+        let mut inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .context("opening the stream")?
+            .into_inner();
+        let hello_ack = match inbound.message().await? {
+            Some(IngestMessage {
+                kind: Some(ingest_message::Kind::HelloAck(ack)),
+            }) => ack,
+            other => bail!("expected HelloAck, got {other:?}"),
+        };
+        Ok(AgentStream {
+            tx,
+            inbound,
+            credit: hello_ack.credit.max(1) as usize,
+            next_seq: hello_ack.stored_through + 1,
+            inflight: VecDeque::new(),
+            acked_records: 0,
+        })
+    }
+
+    pub fn can_send(&self) -> bool {
+        self.credit > 0
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Sends `template`'s records as one batch with the next sequence numbers.
+    pub async fn send(&mut self, template: &[Record]) -> anyhow::Result<()> {
+        let records: Vec<Record> = template
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Record {
+                seq: self.next_seq + i as u64,
+                ..r.clone()
+            })
+            .collect();
+        let count = records.len() as u64;
+        self.next_seq += count;
+        self.tx
+            .send(AgentMessage {
+                kind: Some(agent_message::Kind::Batch(RecordBatch { records })),
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the stream closed"))?;
+        self.inflight
+            .push_back((self.next_seq - 1, count, Instant::now()));
+        self.credit -= 1;
+        Ok(())
+    }
+
+    /// Waits for the next ack; returns the ack latency of each batch it covers.
+    pub async fn next_ack(&mut self) -> anyhow::Result<Vec<Duration>> {
+        loop {
+            let message = self
+                .inbound
+                .message()
+                .await?
+                .context("the ingest ended the stream")?;
+            match message.kind {
+                Some(ingest_message::Kind::Ack(ack)) => {
+                    self.credit += ack.credit as usize;
+                    let mut latencies = Vec::new();
+                    while self
+                        .inflight
+                        .front()
+                        .is_some_and(|(last, _, _)| *last <= ack.acked_through)
+                    {
+                        let (_, n, at) = self.inflight.pop_front().expect("front");
+                        self.acked_records += n;
+                        latencies.push(at.elapsed());
+                    }
+                    return Ok(latencies);
+                }
+                Some(ingest_message::Kind::GoAway(go)) => bail!("GoAway: {}", go.reason),
+                _ => continue,
+            }
+        }
+    }
+}

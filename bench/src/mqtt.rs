@@ -1,0 +1,209 @@
+//! MQTT load: publishers that stamp each payload with its publish time, and
+//! a subscriber that only counts (the broker's own ceiling).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+/// A device payload as the agent's JSON decoder reads it; `timestamp_ns`
+/// becomes the record's time, which is how publish→stored latency is measured.
+pub fn payload(n: u64, device: u32, ts_ns: i64) -> String {
+    format!(
+        "{{\"n\":{n},\"timestamp_ns\":{ts_ns},\"temp\":{:.2},\"rpm\":{},\"ok\":{},\"mode\":\"{}\"}}",
+        20.0 + (n % 100) as f64 / 10.0 + f64::from(device % 7),
+        1200 + n % 400,
+        n % 7 != 0,
+        if n % 100 < 50 { "eco" } else { "boost" }
+    )
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Published {
+    pub messages: u64,
+    pub payload_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Publishes QoS 1 from `clients` connections over `devices` topics for
+/// `duration`, at `rate` messages/s in total (None = as fast as the broker
+/// takes them), and waits until the broker acknowledged every message.
+pub async fn publish(
+    port: u16,
+    clients: usize,
+    devices: u32,
+    duration: Duration,
+    rate: Option<f64>,
+    tag: &str,
+) -> anyhow::Result<Published> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let tag = format!("bench-pub-{tag}-{c}-{}", std::process::id());
+        let per_client = rate.map(|r| r / clients as f64);
+        tasks.push(tokio::spawn(publish_one(
+            port, tag, c, clients, devices, duration, per_client,
+        )));
+    }
+    let mut total = Published::default();
+    for t in tasks {
+        let p = t.await??;
+        total.messages += p.messages;
+        total.payload_bytes += p.payload_bytes;
+    }
+    total.seconds = started.elapsed().as_secs_f64();
+    Ok(total)
+}
+
+async fn publish_one(
+    port: u16,
+    client_id: String,
+    index: usize,
+    clients: usize,
+    devices: u32,
+    duration: Duration,
+    rate: Option<f64>,
+) -> anyhow::Result<Published> {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_inflight(500)
+        .set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 2000);
+    let acked = Arc::new(AtomicU64::new(0));
+    let driver = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(anyhow::anyhow!("publisher connection: {e}")),
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut bytes = 0u64;
+    let mine: Vec<u32> = (0..devices)
+        .filter(|d| *d as usize % clients == index)
+        .collect();
+    let mine = if mine.is_empty() {
+        vec![index as u32]
+    } else {
+        mine
+    };
+    let topics: Vec<String> = mine
+        .iter()
+        .map(|d| format!("devices/dev-{d:05}/telemetry"))
+        .collect();
+    let mut n = 0u64;
+    'outer: while start.elapsed() < duration {
+        for (i, topic) in topics.iter().enumerate() {
+            let body = payload(n, mine[i], now_ns());
+            bytes += body.len() as u64;
+            client
+                .publish(topic.as_str(), QoS::AtLeastOnce, false, body)
+                .await?;
+            sent += 1;
+            if let Some(rate) = rate {
+                if sent % 16 == 0 {
+                    let due = start + Duration::from_secs_f64(sent as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            if sent % 256 == 0 && start.elapsed() >= duration {
+                break 'outer;
+            }
+        }
+        n += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+    Ok(Published {
+        messages: sent,
+        payload_bytes: bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// A QoS 1 subscriber to every device topic that only counts.
+pub struct Counter {
+    pub count: Arc<AtomicU64>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Counter {
+    pub async fn start(port: u16) -> anyhow::Result<Counter> {
+        let mut options = MqttOptions::new(
+            format!("bench-counter-{}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        client
+            .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+            .await?;
+        let count = Arc::new(AtomicU64::new(0));
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        let task = {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut subscribed = Some(subscribed_tx);
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::Publish(_))) => {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            if let Some(tx) = subscribed.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
+            .await
+            .map_err(|_| anyhow::anyhow!("no SubAck from the broker"))??;
+        Ok(Counter {
+            count,
+            client,
+            task,
+        })
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub async fn stop(self) {
+        self.client.disconnect().await.ok();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}

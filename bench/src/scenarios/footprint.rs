@@ -1,0 +1,134 @@
+//! `footprint`: the real edge-agent's memory idle and at 50,000 records/s,
+//! the time from its start to the first record stored, and binary sizes.
+
+use std::time::{Duration, Instant};
+
+use edgefleet_tests::{bin, AgentOptions, Fleet};
+
+use super::{mib, rate_series, Sampler};
+use crate::mqtt;
+use crate::report::{ScenarioResult, Series};
+use crate::sys;
+use crate::Ctx;
+
+const LOAD_RATE: f64 = 50_000.0;
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
+    let mut result = ctx.result("footprint");
+    let phase = ctx.phase();
+    let mut fleet = Fleet::new(&["fp-agent"])?;
+    let port = fleet.mqtt.port;
+    fleet.start_ingest()?;
+
+    // Devices already publishing (1,000 msg/s) when the agent starts.
+    let trickle = tokio::spawn(mqtt::publish(
+        port,
+        1,
+        10,
+        Duration::from_secs(600),
+        Some(1000.0),
+        "trickle",
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let options = AgentOptions::new("fp-agent");
+    let started = Instant::now();
+    let mut agent = fleet.start_agent(&options)?;
+    let mut first = None;
+    while started.elapsed() < Duration::from_secs(60) {
+        if fleet.stored() > 0 {
+            first = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    trickle.abort();
+    let pid = agent.pid();
+
+    // Idle: nothing arriving.
+    tokio::time::sleep(if ctx.quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    })
+    .await;
+    let idle = sys::rss(pid);
+
+    // 50,000 records/s.
+    let origin = Instant::now();
+    let rss = Sampler::start(origin, Duration::from_millis(100), move || {
+        mib(sys::rss(pid))
+    });
+    let metrics_port = fleet.ingest_metrics_port;
+    let stored = Sampler::start(origin, Duration::from_millis(250), move || {
+        super::stored(metrics_port) as f64
+    });
+    let before = fleet.stored();
+    let published = mqtt::publish(port, 2, 100, phase, Some(LOAD_RATE), "load").await?;
+    let stored_during = fleet.stored() - before;
+    let rss = rss.stop();
+    let stored = stored.stop();
+    let loaded = rss.iter().map(|(_, v)| *v).fold(0.0, f64::max);
+    let peak = sys::peak_rss(pid);
+    agent.terminate(Duration::from_secs(30))?;
+
+    result.target(
+        "agent idle RSS",
+        mib(idle),
+        "MiB",
+        "< 8 MiB",
+        idle < 8 << 20,
+    );
+    result.target(
+        "agent RSS at 50k rec/s (highest sample)",
+        loaded,
+        "MiB",
+        "< 32 MiB",
+        loaded < 32.0,
+    );
+    result.figure("agent peak RSS (VmHWM, whole run)", mib(peak), "MiB");
+    result.figure(
+        "offered rate during the load phase",
+        published.messages as f64 / published.seconds,
+        "msg/s",
+    );
+    result.figure(
+        "stored rate during the load phase",
+        stored_during as f64 / published.seconds,
+        "rec/s",
+    );
+    match first {
+        Some(d) => result.figure(
+            "agent start → first record stored",
+            d.as_secs_f64() * 1000.0,
+            "ms",
+        ),
+        None => result.note("no record was stored within 60 s of the agent's start"),
+    }
+    for name in ["edge-agent", "cloud-ingest"] {
+        let path = bin(name);
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        result.figure(
+            &format!("{name} binary size ({})", profile_of(&path)),
+            mib(size),
+            "MiB",
+        );
+    }
+    result.note("Binary sizes are of the binaries this harness ran (x86_64, the `release` profile, with line tables); the shipped `edge` profile and the static aarch64 build are measured in the binary-size section.");
+    result.note("Start → first record: devices are already publishing 1,000 msg/s when the agent process is spawned; the ingest is up.");
+    result
+        .throughput
+        .push(rate_series("stored rec/s", "rec/s", &stored));
+    result.latency.push(Series {
+        name: "agent RSS".into(),
+        unit: "MiB".into(),
+        points: rss,
+    });
+    Ok(result)
+}
+
+fn profile_of(path: &std::path::Path) -> String {
+    path.parent()
+        .and_then(|p| p.file_name())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

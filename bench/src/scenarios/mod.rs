@@ -1,0 +1,200 @@
+//! The scenarios and what they share: starting the ingest, sampling a
+//! counter over time, latency histograms.
+
+pub mod can_decode;
+pub mod drain;
+pub mod fan_in;
+pub mod footprint;
+pub mod mqtt_e2e;
+pub mod spine;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgefleet_tests::{bin, free_port, http_get, wait_for_port, Proc};
+use hdrhistogram::Histogram;
+
+use crate::report::{Figure, Series};
+
+/// A cloud-ingest process (the release binary) on loopback with mTLS.
+pub struct IngestProc {
+    pub proc: Proc,
+    pub port: u16,
+    pub metrics_port: u16,
+}
+
+/// Starts `cloud-ingest serve` with the dev PKI; `store: None` = `--discard`.
+pub fn start_ingest(
+    dir: &Path,
+    pki: &edgefleet_pki::dev::DevPki,
+    store: Option<&Path>,
+    name: &str,
+) -> anyhow::Result<IngestProc> {
+    let port = free_port();
+    let metrics_port = free_port();
+    let mut command = Command::new(bin("cloud-ingest"));
+    command
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--cert")
+        .arg(pki.server_cert())
+        .arg("--key")
+        .arg(pki.server_key())
+        .arg("--client-ca")
+        .arg(pki.ca_cert())
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .env("RUST_LOG", "warn");
+    match store {
+        Some(store) => command.arg("--store").arg(store),
+        None => command.arg("--discard"),
+    };
+    let proc = Proc::spawn(name, &mut command, dir.join(format!("{name}.log")))?;
+    wait_for_port(port, Duration::from_secs(30))?;
+    wait_for_port(metrics_port, Duration::from_secs(30))?;
+    Ok(IngestProc {
+        proc,
+        port,
+        metrics_port,
+    })
+}
+
+impl IngestProc {
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+    /// Records in the store (the ingest's `/stats`).
+    pub fn stored(&self) -> u64 {
+        stored(self.metrics_port)
+    }
+}
+
+pub fn stored(metrics_port: u16) -> u64 {
+    http_get(metrics_port, "/stats")
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|v| v["total_records"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Samples `read` every `every` on a thread: (seconds since `origin`, value).
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<(f64, f64)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    pub fn start(
+        origin: Instant,
+        every: Duration,
+        mut read: impl FnMut() -> f64 + Send + 'static,
+    ) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, samples) = (stop.clone(), samples.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let value = read();
+                    let t = origin.elapsed().as_secs_f64();
+                    samples.lock().expect("samples").push((t, value));
+                    std::thread::sleep(every);
+                }
+            })
+        };
+        Sampler {
+            stop,
+            samples,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn samples(&self) -> Vec<(f64, f64)> {
+        self.samples.lock().expect("samples").clone()
+    }
+
+    pub fn stop(mut self) -> Vec<(f64, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.samples()
+    }
+}
+
+/// A counter's samples → its rate per second between samples.
+pub fn rate_series(name: &str, unit: &str, samples: &[(f64, f64)]) -> Series {
+    Series {
+        name: name.into(),
+        unit: unit.into(),
+        points: samples
+            .windows(2)
+            .filter(|w| w[1].0 > w[0].0)
+            .map(|w| (w[1].0, (w[1].1 - w[0].1) / (w[1].0 - w[0].0)))
+            .collect(),
+    }
+}
+
+/// The counter's value at time `t` (linear between samples).
+pub fn value_at(samples: &[(f64, f64)], t: f64) -> f64 {
+    let mut before = (0.0, 0.0);
+    for &(st, sv) in samples {
+        if st >= t {
+            if st == before.0 {
+                return sv;
+            }
+            return before.1 + (sv - before.1) * (t - before.0) / (st - before.0);
+        }
+        before = (st, sv);
+    }
+    before.1
+}
+
+/// The first time the counter reached `value`.
+pub fn time_reaching(samples: &[(f64, f64)], value: f64) -> Option<f64> {
+    samples.iter().find(|(_, v)| *v >= value).map(|(t, _)| *t)
+}
+
+/// Microsecond latencies, 1 µs to 10 min, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
+/// p50, p99, p99.9 (in milliseconds) of a histogram of microseconds, as figures.
+pub fn latency_figures(prefix: &str, h: &Histogram<u64>) -> Vec<Figure> {
+    [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)]
+        .into_iter()
+        .map(|(name, q)| Figure {
+            name: format!("{prefix} {name}"),
+            value: if h.is_empty() {
+                f64::NAN
+            } else {
+                h.value_at_quantile(q / 100.0) as f64 / 1000.0
+            },
+            unit: "ms".into(),
+            target: None,
+            met: None,
+        })
+        .collect()
+}
+
+/// Waits until `check` holds, polling every 20 ms; false on timeout.
+pub async fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}

@@ -1,0 +1,228 @@
+//! `mqtt-e2e`: devices publish QoS 1 to a real Mosquitto as fast as it takes
+//! them; the real edge-agent (durable buffer, default flush policy, broker
+//! acks after durability) streams over mTLS to the real cloud-ingest with its
+//! embedded store. In the same run, the broker's ceiling: the same
+//! publishers with a subscriber that only counts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use cloud_ingest::query::{Query, RecordSource};
+use edgefleet_tests::{AgentOptions, Fleet};
+
+use super::{histogram, latency_figures, mib, rate_series, value_at, wait_until, Sampler};
+use crate::mqtt::{self, Counter};
+use crate::report::{ScenarioResult, Series};
+use crate::sys;
+use crate::Ctx;
+
+const PUBLISHERS: usize = 2;
+const DEVICES: u32 = 100;
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
+    let mut result = ctx.result("mqtt-e2e");
+    let phase = ctx.phase();
+    let mut fleet = Fleet::new(&["bench-agent"])?;
+    let port = fleet.mqtt.port;
+
+    // The broker's ceiling: the same publishers, a subscriber that only counts.
+    let counter = Counter::start(port).await?;
+    let started = Instant::now();
+    let published = mqtt::publish(port, PUBLISHERS, DEVICES, phase, None, "ceiling").await?;
+    wait_until(Duration::from_secs(60), || {
+        counter.count() >= published.messages
+    })
+    .await;
+    let ceiling = counter.count() as f64 / started.elapsed().as_secs_f64();
+    counter.stop().await;
+    let broker_cpu_ceiling = sys::cpu_seconds(fleet.mqtt.proc.pid());
+
+    // The spine.
+    fleet.start_ingest()?;
+    let mut options = AgentOptions::new("bench-agent");
+    options.max_bytes = "2GiB".into();
+    let mut agent = fleet.start_agent(&options)?;
+    let ingest_pid = fleet.ingest.as_ref().map(|p| p.pid()).unwrap_or(0);
+    let agent_pid = agent.pid();
+    let metrics_port = fleet.ingest_metrics_port;
+    // Warm-up: until a record comes through, the agent's subscription is not in place.
+    let warm = Instant::now();
+    while fleet.stored() == 0 {
+        mqtt::publish(port, 1, 1, Duration::from_millis(1), None, "warmup").await?;
+        anyhow::ensure!(
+            warm.elapsed() < Duration::from_secs(60),
+            "no record stored within 60 s; see {}",
+            fleet.dir.path().display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = fleet.stored();
+
+    let origin = Instant::now();
+    let origin_ns = mqtt::now_ns();
+    let sampler = Sampler::start(origin, Duration::from_millis(250), move || {
+        super::stored(metrics_port) as f64
+    });
+
+    // Full load.
+    let cpu0 = (sys::cpu_seconds(agent_pid), sys::cpu_seconds(ingest_pid));
+    let full_start_ns = mqtt::now_ns();
+    let full = mqtt::publish(port, PUBLISHERS, DEVICES, phase, None, "full").await?;
+    let full_end_ns = mqtt::now_ns();
+    let target = baseline + full.messages;
+    let all_stored = wait_until(Duration::from_secs(600), || fleet.stored() >= target).await;
+    anyhow::ensure!(
+        all_stored,
+        "full load: only {} of {target} stored",
+        fleet.stored()
+    );
+    let full_done = origin.elapsed().as_secs_f64();
+    let cpu1 = (sys::cpu_seconds(agent_pid), sys::cpu_seconds(ingest_pid));
+    let samples = sampler.samples();
+    // Sustained: from 20 % into the phase until the last record was stored
+    // (the broker holds whatever the agent has not taken yet, so the agent
+    // runs at its own pace all along).
+    let from = phase.as_secs_f64() * 0.2;
+    let sustained =
+        (full.messages as f64 + baseline as f64 - value_at(&samples, from)) / (full_done - from);
+
+    // Half load.
+    let half_rate = (sustained / 2.0).max(1.0);
+    let half_start_ns = mqtt::now_ns();
+    let half = mqtt::publish(port, PUBLISHERS, DEVICES, phase, Some(half_rate), "half").await?;
+    let half_end_ns = mqtt::now_ns();
+    let target = target + half.messages;
+    wait_until(Duration::from_secs(300), || fleet.stored() >= target).await;
+    let samples = sampler.stop();
+
+    let agent_peak = sys::peak_rss(agent_pid);
+    let ingest_peak = sys::peak_rss(ingest_pid);
+    agent.terminate(Duration::from_secs(30))?;
+    if let Some(mut ingest) = fleet.ingest.take() {
+        ingest.terminate(Duration::from_secs(60))?;
+    }
+
+    // Publish → stored latency: the payload's timestamp (the record's time)
+    // against the commit time the store indexes each record by.
+    let store = cloud_ingest::sink::EmbeddedStore::open_existing(&fleet.store)?;
+    let mut published_at: HashMap<u64, i64> = HashMap::new();
+    store.query(
+        &Query {
+            agent: None,
+            device: None,
+            since_ns: None,
+            limit: None,
+        },
+        &mut |_, record| {
+            published_at.insert(record.seq, record.timestamp_ns);
+            true
+        },
+    )?;
+    let (mut h_full, mut h_half) = (histogram(), histogram());
+    let mut per_second: std::collections::BTreeMap<i64, hdrhistogram::Histogram<u64>> =
+        Default::default();
+    store.ingest_times(|ingest_ns, _, seq| {
+        let Some(&ts) = published_at.get(&seq) else {
+            return;
+        };
+        let micros = ((ingest_ns as i64 - ts) / 1000).max(1) as u64;
+        if (full_start_ns..=full_end_ns).contains(&ts) {
+            let _ = h_full.record(micros);
+        } else if (half_start_ns..=half_end_ns).contains(&ts) {
+            let _ = h_half.record(micros);
+        } else {
+            return;
+        }
+        let second = (ts - origin_ns) / 1_000_000_000;
+        let _ = per_second
+            .entry(second)
+            .or_insert_with(histogram)
+            .record(micros);
+    })?;
+
+    let records = (full.messages) as f64;
+    result.target(
+        "stored records/s, sustained (full load)",
+        sustained,
+        "rec/s",
+        "≥ 90 % of the broker's ceiling",
+        sustained >= 0.9 * ceiling,
+    );
+    result.figure("broker ceiling (counting subscriber)", ceiling, "msg/s");
+    result.target(
+        "agent rate / broker ceiling",
+        100.0 * sustained / ceiling,
+        "%",
+        "≥ 90 %",
+        sustained >= 0.9 * ceiling,
+    );
+    result.figure(
+        "publish rate offered (full load)",
+        full.messages as f64 / full.seconds,
+        "msg/s",
+    );
+    for f in latency_figures("latency publish→stored, full load,", &h_full) {
+        result.figures.push(f);
+    }
+    result.figure(
+        "half load rate",
+        half.messages as f64 / half.seconds,
+        "msg/s",
+    );
+    let half_figures = latency_figures("latency publish→stored, half load,", &h_half);
+    for f in half_figures {
+        if f.name.ends_with("p99") {
+            let met = f.value < 20.0;
+            result.target(&f.name, f.value, "ms", "< 20 ms", met);
+        } else {
+            result.figures.push(f);
+        }
+    }
+    result.figure(
+        "agent CPU per million records",
+        (cpu1.0 - cpu0.0) / records * 1e6,
+        "CPU s",
+    );
+    result.figure(
+        "ingest CPU per million records",
+        (cpu1.1 - cpu0.1) / records * 1e6,
+        "CPU s",
+    );
+    result.figure("agent peak RSS", mib(agent_peak), "MiB");
+    result.figure("ingest peak RSS", mib(ingest_peak), "MiB");
+    result.figure("records (full load)", records, "");
+    result.note(format!(
+        "{PUBLISHERS} publisher connections over {DEVICES} device topics, ~{} byte JSON payloads, QoS 1; Mosquitto with max_inflight_messages 1000; agent with the default flush policy; phases of {:.0} s.",
+        full.payload_bytes / full.messages.max(1),
+        phase.as_secs_f64()
+    ));
+    result.note("Stored time is the commit's timestamp in the store's time index, taken just before the commit's write and fsync; publish time is the timestamp the publisher put in the payload (same clock).");
+    result.note(format!(
+        "Mosquitto used {:.1} CPU s during the ceiling phase; the machine has {} cores shared by the broker, the publishers, the agent and the ingest.",
+        broker_cpu_ceiling, ctx.machine.cores
+    ));
+    result
+        .throughput
+        .push(rate_series("stored rec/s", "rec/s", &samples));
+    let p99: Vec<(f64, f64)> = per_second
+        .iter()
+        .map(|(s, h)| (*s as f64, h.value_at_quantile(0.99) as f64 / 1000.0))
+        .collect();
+    let p50: Vec<(f64, f64)> = per_second
+        .iter()
+        .map(|(s, h)| (*s as f64, h.value_at_quantile(0.5) as f64 / 1000.0))
+        .collect();
+    result.latency.push(Series {
+        name: "p50 publish→stored (by publish second)".into(),
+        unit: "ms".into(),
+        points: p50,
+    });
+    result.latency.push(Series {
+        name: "p99".into(),
+        unit: "ms".into(),
+        points: p99,
+    });
+    drop(store);
+    Ok(result)
+}
