@@ -430,15 +430,17 @@ fn the_agent_follows_its_edge_pipeline_and_reports_the_truth() {
 
     // The API server unreachable: the agent starts from its cache and
     // delivers; /readyz does not depend on the cluster.
+    // The same credentials, pointed at a port nothing listens on.
     let unreachable = dir.join("unreachable.kubeconfig");
-    std::fs::write(
-        &unreachable,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:{}', insecure-skip-tls-verify: true}}}}]\nusers: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
-            free_port()
-        ),
-    )
-    .unwrap();
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    let text: Vec<String> = text
+        .lines()
+        .map(|line| match line.split_once("server:") {
+            Some((indent, _)) => format!("{indent}server: https://127.0.0.1:{}", free_port()),
+            None => line.to_string(),
+        })
+        .collect();
+    std::fs::write(&unreachable, text.join("\n")).unwrap();
     let mut offline = start_agent(
         &fleet,
         &unreachable,
