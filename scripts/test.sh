@@ -27,6 +27,13 @@ step "tests"
 cargo test --locked -p edgefleet-config -p edgefleet-pki -p edgefleet-buffer -p edge-agent \
   -p cloud-ingest -p edgefleet-can -p edgefleet-fleet -p edgefleet-tests -- --test-threads=2
 
+step "CAN on a real Linux SocketCAN stack (Debian kernel under qemu-system-x86_64)"
+# This kernel has no CAN; the VM's has. It runs the binaries built above.
+tests/vm/run-can-tests.sh --glibc --no-build
+
+step "fuzzing the candump and DBC input paths (short run)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-20} crates/can/fuzz/run-short.sh
+
 step "demo (short run, must report nothing lost or duplicated)"
 demo_status=0
 summary=$(cargo run --locked --quiet -- demo --duration 8s --devices 5 --rate 100 --json) || demo_status=$?

@@ -10,9 +10,9 @@
 #
 # 1. installs what it needs on Debian 12 (qemu, busybox-static, cpio, musl-tools)
 #    and downloads Debian's kernel package (cached under target/vm-cache/);
-# 2. builds static musl binaries: edge-agent, cloud-ingest, edgefleet (for the
-#    PKI), cansim, cansim-check; for aarch64 it uses target/dist/aarch64-unknown-linux-musl/
-#    from cross/build.sh when present;
+# 2. builds static musl binaries: edge-agent, cloud-ingest, cansim, cansim-check
+#    (for aarch64 the shipped ones from cross/build.sh, in target/dist/), and
+#    makes the development PKI with the host's `edgefleet certs init`;
 # 3. packs an initramfs (busybox, the CAN modules, the binaries, guest-init.sh as /init);
 # 4. boots it with -net none and reads the PASS/FAIL marker from the console.
 # Exit status 0 only when the guest printed PASS.
@@ -107,44 +107,50 @@ else
     fi
 fi
 
-# ---- 2. static binaries -----------------------------------------------------
-# Every binary the guest runs, and where each comes from.
-BINS=(edge-agent cloud-ingest edgefleet cansim cansim-check)
+# ---- 2. binaries and the PKI ---------------------------------------------------
+# Every binary the guest runs, and where each comes from. The development PKI
+# is made on the host (with the host's `edgefleet certs init`) and packed
+# into the initramfs, so the guest needs no `edgefleet` of its architecture.
+BINS=(edge-agent cloud-ingest cansim cansim-check)
 declare -A BIN_PATH
-if [ "$PROFILE" = dev ]; then OUT=$TARGET_DIR/$TRIPLE/debug; else OUT=$TARGET_DIR/$TRIPLE/$PROFILE; fi
+if [ "$PROFILE" = dev ]; then OUT=$TARGET_DIR/$TRIPLE/debug; HOST_OUT=$TARGET_DIR/debug
+else OUT=$TARGET_DIR/$TRIPLE/$PROFILE; HOST_OUT=$TARGET_DIR/$PROFILE; fi
 DIST=$ROOT/target/dist/$TRIPLE
 cargo_musl() { # cargo_musl PACKAGE-AND-BIN-ARGS...
     rustup target list --installed 2>/dev/null | grep -qx "$TRIPLE" || rustup target add "$TRIPLE"
     (cd "$ROOT" && cargo build --profile "$PROFILE" --target "$TRIPLE" "$@")
 }
+if [ "$BUILD" = 1 ] || [ ! -x "$HOST_OUT/edgefleet" ]; then
+    log "building edgefleet for the host ($PROFILE), for the PKI"
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -p edgefleet --bin edgefleet)
+fi
 if [ "$ARCH" = x86_64 ] && [ "$GLIBC" = 1 ]; then
     if [ "$BUILD" = 1 ]; then
         log "building ${BINS[*]} for the host ($PROFILE)"
-        (cd "$ROOT" && cargo build --profile "$PROFILE" -p edge-agent -p cloud-ingest -p edgefleet -p edgefleet-cansim \
-            --bin edge-agent --bin cloud-ingest --bin edgefleet --bin cansim --bin cansim-check)
+        (cd "$ROOT" && cargo build --profile "$PROFILE" -p edge-agent -p cloud-ingest -p edgefleet-cansim \
+            --bin edge-agent --bin cloud-ingest --bin cansim --bin cansim-check)
     fi
-    if [ "$PROFILE" = dev ]; then OUT=$TARGET_DIR/debug; else OUT=$TARGET_DIR/$PROFILE; fi
-    for b in "${BINS[@]}"; do BIN_PATH[$b]=$OUT/$b; done
+    for b in "${BINS[@]}"; do BIN_PATH[$b]=$HOST_OUT/$b; done
 elif [ "$ARCH" = x86_64 ]; then
     if [ "$BUILD" = 1 ]; then
         # ring and zstd-sys compile C: musl-gcc (musl-tools) is the C compiler
         # for the musl target; Rust links the result statically itself.
         export CC_x86_64_unknown_linux_musl=musl-gcc
         log "building ${BINS[*]} for $TRIPLE ($PROFILE)"
-        cargo_musl -p edge-agent -p cloud-ingest -p edgefleet -p edgefleet-cansim \
-            --bin edge-agent --bin cloud-ingest --bin edgefleet --bin cansim --bin cansim-check
+        cargo_musl -p edge-agent -p cloud-ingest -p edgefleet-cansim \
+            --bin edge-agent --bin cloud-ingest --bin cansim --bin cansim-check
     fi
     for b in "${BINS[@]}"; do BIN_PATH[$b]=$OUT/$b; done
 else
-    # The product binaries come from cross/ (its toolchain builds ring and
-    # zstd-sys for aarch64 musl). cansim and cansim-check are pure Rust, so
+    # The shipped binaries, exactly as they go to gateways: static, `edge`
+    # profile, from cross/build.sh. cansim and cansim-check are pure Rust, so
     # rustup's target and rust-lld build them without a C cross compiler.
     if [ "$BUILD" = 1 ] && [ -x "$ROOT/cross/build.sh" ]; then
-        log "building the aarch64 product binaries with cross/build.sh"
-        "$ROOT/cross/build.sh" || die "cross/build.sh failed"
+        log "building the aarch64 shipped binaries with cross/build.sh"
+        "$ROOT/cross/build.sh" aarch64 --shipped-only || die "cross/build.sh failed"
     fi
-    for b in edge-agent cloud-ingest edgefleet; do BIN_PATH[$b]=$DIST/$b; done
-    if [ "$BUILD" = 1 ]; then
+    for b in edge-agent cloud-ingest; do BIN_PATH[$b]=$DIST/$b; done
+    if [ "$BUILD" = 1 ] || [ ! -x "$OUT/cansim" ] || [ ! -x "$OUT/cansim-check" ]; then
         log "building cansim, cansim-check for $TRIPLE ($PROFILE, rust-lld)"
         CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld cargo_musl -p edgefleet-cansim --bin cansim --bin cansim-check
     fi
@@ -152,7 +158,7 @@ else
 fi
 for b in "${BINS[@]}"; do
     [ -x "${BIN_PATH[$b]}" ] && continue
-    [ "$ARCH" = aarch64 ] && die "missing ${BIN_PATH[$b]}: the aarch64 product binaries come from cross/build.sh (into $DIST)"
+    [ "$ARCH" = aarch64 ] && die "missing ${BIN_PATH[$b]}: the aarch64 shipped binaries come from cross/build.sh aarch64 (into $DIST)"
     die "missing ${BIN_PATH[$b]} (drop --no-build to build it)"
 done
 
@@ -181,6 +187,7 @@ if [ "$GLIBC" = 1 ]; then
     [ -e "$RD/lib64" ] || ln -s lib "$RD/lib64" 2>/dev/null || true
 fi
 cp "$VM_DIR/test.dbc" "$VM_DIR/agent.yaml" "$RD/etc/edgefleet/"
+"$HOST_OUT/edgefleet" certs init "$RD/etc/edgefleet/pki" --agents 1 >/dev/null || die "edgefleet certs init"
 cp "$VM_DIR/guest-init.sh" "$RD/init"
 chmod +x "$RD/init"
 (cd "$RD" && find . | cpio -o -H newc --quiet | gzip -1) > "$CACHE/initrd.cpio.gz"
