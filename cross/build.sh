@@ -44,7 +44,11 @@ AGENT_MAX_BYTES=$((8 * 1024 * 1024))
 
 require_setup
 
-cargo_args=(--locked --profile "$EDGE_PROFILE")
+# The gateway build: edge-agent without its `kubernetes` feature (kube
+# client, k8s-openapi), which the systemd gateways do not use and which puts
+# the aarch64 agent over the 8 MiB budget (BENCHMARKS.md, "Binary sizes").
+# No other shipped or tool package has default features.
+cargo_args=(--locked --profile "$EDGE_PROFILE" --no-default-features)
 bins=("${SHIPPED[@]}")
 for bin in "${SHIPPED[@]}"; do cargo_args+=(-p "$bin" --bin "$bin"); done
 if $tools; then
