@@ -31,6 +31,12 @@ step "CAN on a real Linux SocketCAN stack (Debian kernel under qemu-system-x86_6
 # This kernel has no CAN; the VM's has. It runs the binaries built above.
 tests/vm/run-can-tests.sh --glibc --no-build
 
+step "aarch64 edge builds: the static gateway binaries, the systemd unit"
+# cross/README.md: the steps and their times. Its unit and integration steps
+# (edge-agent's tests and the cross-process tests with the aarch64 agent
+# under qemu) are not part of this command yet.
+cross/ci.sh setup build-aarch64 systemd
+
 step "fuzzing the candump and DBC input paths (short run)"
 FUZZ_SECONDS=${FUZZ_SECONDS:-20} crates/can/fuzz/run-short.sh
 
