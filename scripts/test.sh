@@ -37,6 +37,10 @@ step "aarch64 edge builds: the static gateway binaries, the systemd unit"
 # under qemu) are not part of this command yet.
 cross/ci.sh setup build-aarch64 systemd
 
+step "CAN on an emulated ARM machine (qemu-system-aarch64, cortex-a57, Debian arm64 kernel)"
+# The static aarch64 agent and ingest just built, against a real ARM Linux CAN stack.
+tests/vm/run-can-tests.sh --arch aarch64 --no-build
+
 step "fuzzing the candump and DBC input paths (short run)"
 FUZZ_SECONDS=${FUZZ_SECONDS:-20} crates/can/fuzz/run-short.sh
 

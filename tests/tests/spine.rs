@@ -373,9 +373,15 @@ fn a_corrupt_buffer_is_quarantined_and_the_agent_carries_on() {
         "{}",
         proc.log_text()
     );
-    assert_eq!(
-        agent_metric(&agent, "edge_buffer_quarantined_total", ""),
-        1.0
+    // The metrics endpoint may come up a moment after the log line.
+    assert!(
+        wait_until(Duration::from_secs(10), || agent_metric(
+            &agent,
+            "edge_buffer_quarantined_total",
+            ""
+        ) == 1.0),
+        "edge_buffer_quarantined_total is {}, not 1",
+        agent_metric(&agent, "edge_buffer_quarantined_total", "")
     );
     assert!(
         fleet
