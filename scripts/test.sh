@@ -61,7 +61,7 @@ print(f"demo ok: {s['published']} published, {s['stored']} stored, 0 lost, 0 dup
 PY
 
 step "benchmark harness (each scenario for a couple of seconds; proves it runs, checks no figure)"
-for scenario in spine fan-in footprint drain; do
+for scenario in mqtt-e2e spine fan-in footprint drain; do
   cargo run --locked --quiet -p edgefleet-bench -- "$scenario" --quick
 done
 

@@ -3,6 +3,7 @@
 //! record is durable. With a persistent session (`cleanSession: false`) the
 //! broker keeps whatever the agent has not acknowledged, across agent crashes.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,9 +92,24 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
     ));
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let label = name.clone();
+    // QoS 1 messages the processor has no room for yet, in arrival order.
+    // The event loop must keep turning meanwhile: the processor's PUBACKs go
+    // out through it, and waiting here for the processor while it waits for
+    // the event loop to take its PUBACKs would stall both for good. The
+    // broker's in-flight window (unacknowledged QoS 1 messages per client)
+    // bounds how much can pile up here.
+    let mut overflow: VecDeque<Publish> = VecDeque::new();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
+            permit = tx.reserve(), if !overflow.is_empty() => match permit {
+                Ok(permit) => {
+                    if let Some(publish) = overflow.pop_front() {
+                        permit.send(publish);
+                    }
+                }
+                Err(_) => break,
+            },
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     tracing::info!(source = %name, host = %config.host, port = config.port, session_present = ack.session_present, "MQTT connected");
@@ -126,8 +142,14 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
                         if tx.try_send(publish).is_err() {
                             ctx.metrics.dropped("qos0_overflow", 1);
                         }
-                    } else if tx.send(publish).await.is_err() {
-                        break;
+                    } else if overflow.is_empty() {
+                        match tx.try_send(publish) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(publish)) => overflow.push_back(publish),
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        }
+                    } else {
+                        overflow.push_back(publish);
                     }
                 }
                 Ok(_) => {}
