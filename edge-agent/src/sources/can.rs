@@ -29,7 +29,6 @@
 //! logged. Recovering from bus-off is the driver's job (`restart-ms`).
 
 use std::io;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use edgefleet_can::CanFrame;
@@ -89,22 +88,11 @@ struct Received {
 
 async fn run(config: CanConfig, ctx: SourceContext) -> Result<(), SourceError> {
     let name = config.interface.clone();
-    let decoder = loop {
-        match can_records::load_decoder(config.dbc.clone()).await {
-            Ok(d) => break Arc::new(d),
-            Err(e) => {
-                tracing::error!(source = %name, error = %e, "cannot load the DBC files; the source stays down until they change");
-                ctx.metrics.source_up(&name, false);
-                if !can_records::wait_for_change(&config.dbc, &ctx.shutdown).await {
-                    return Ok(());
-                }
-            }
-        }
+    let Some((decoder, reduction)) =
+        can_records::decoder_and_reduction(&ctx, &name, &config.dbc, &config.reduction).await
+    else {
+        return Ok(());
     };
-    let (reduction, unknown_keys) = can_records::reduce_config(&config.reduction, &decoder);
-    if !unknown_keys.is_empty() {
-        tracing::warn!(source = %name, signals = ?unknown_keys, "reduction rules name signals that no DBC defines");
-    }
     let mut mapper = FrameMapper::new(name.clone(), decoder, reduction, config.unknown_frames);
     let (tx, mut rx) = mpsc::channel::<Received>(QUEUE_FRAMES);
     let reader = tokio::spawn(read_loop(config, ctx.clone(), tx));

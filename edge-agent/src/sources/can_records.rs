@@ -371,6 +371,34 @@ pub async fn append(ctx: &super::SourceContext, name: &str, records: Vec<Record>
     }
 }
 
+/// A CAN source's decoder and reduction. A DBC that does not load keeps the
+/// source down (logged with file and line) until one of its files changes;
+/// `None` means shutdown came first.
+pub async fn decoder_and_reduction(
+    ctx: &super::SourceContext,
+    name: &str,
+    dbc: &[String],
+    reduction: &Reduction,
+) -> Option<(Arc<Decoder>, ReduceConfig)> {
+    let decoder = loop {
+        match load_decoder(dbc.to_vec()).await {
+            Ok(d) => break Arc::new(d),
+            Err(e) => {
+                tracing::error!(source = %name, error = %e, "cannot load the DBC files; the source stays down until they change");
+                ctx.metrics.source_up(name, false);
+                if !wait_for_change(dbc, &ctx.shutdown).await {
+                    return None;
+                }
+            }
+        }
+    };
+    let (reduction, unknown_keys) = reduce_config(reduction, &decoder);
+    if !unknown_keys.is_empty() {
+        tracing::warn!(source = %name, signals = ?unknown_keys, "reduction rules name signals that no DBC defines");
+    }
+    Some((decoder, reduction))
+}
+
 /// Loads a source's DBC files off the async runtime (they can be large).
 /// The error names the file and line.
 pub async fn load_decoder(paths: Vec<String>) -> Result<Decoder, String> {

@@ -66,22 +66,11 @@ impl Source for CandumpReplaySource {
 }
 
 async fn run(config: ReplayConfig, name: String, ctx: SourceContext) -> Result<(), SourceError> {
-    let decoder = loop {
-        match can_records::load_decoder(config.dbc.clone()).await {
-            Ok(d) => break Arc::new(d),
-            Err(e) => {
-                tracing::error!(source = %name, error = %e, "cannot load the DBC files; the source stays down until they change");
-                ctx.metrics.source_up(&name, false);
-                if !can_records::wait_for_change(&config.dbc, &ctx.shutdown).await {
-                    return Ok(());
-                }
-            }
-        }
+    let Some((decoder, reduction)) =
+        can_records::decoder_and_reduction(&ctx, &name, &config.dbc, &config.reduction).await
+    else {
+        return Ok(());
     };
-    let (reduction, unknown_keys) = can_records::reduce_config(&config.reduction, &decoder);
-    if !unknown_keys.is_empty() {
-        tracing::warn!(source = %name, signals = ?unknown_keys, "reduction rules name signals that no DBC defines");
-    }
     let mut replay = Replay {
         config: &config,
         name: &name,
