@@ -245,11 +245,13 @@ test_pipeline() {
     check
     say "edge-agent following an EdgePipeline (tests/tests/k8s_pipeline.rs)"
     local start=$SECONDS
-    # The test runs these as processes (a no-op when scripts/test.sh built them).
-    (cd "$ROOT_DIR" && cargo build --locked -q -p edge-agent -p cloud-ingest -p edgefleet-tests --bins) \
+    # The test runs these as processes. --workspace, as scripts/test.sh builds
+    # (a no-op then); selecting packages would resolve other features and
+    # rebuild much of the workspace.
+    (cd "$ROOT_DIR" && cargo build --locked -q --workspace --bins) \
         || fail "cannot build the binaries the test runs"
     (cd "$ROOT_DIR" && EDGEFLEET_TEST_KUBECONFIG=$RUN/kubeconfig EDGEFLEET_K8S_REQUIRED=1 \
-        cargo test --locked -q -p edgefleet-tests --test k8s_pipeline -- --nocapture) \
+        cargo test --locked -q --workspace --test k8s_pipeline -- --nocapture) \
         || fail "the edge agent's EdgePipeline test failed"
     printf '    k8s_pipeline: %ds\n' $((SECONDS - start))
     say "the edge agent follows its EdgePipeline on a real API server"
