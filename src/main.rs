@@ -1,9 +1,10 @@
 //! `edgefleet`: the project's front door. `edgefleet demo` runs the whole
 //! telemetry path on embedded defaults; `edgefleet certs` makes a
-//! development PKI.
+//! development PKI; `edgefleet gitops` scaffolds and checks fleet sites.
 
 mod certs;
 mod demo;
+mod gitops;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,9 @@ enum Command {
     /// Development certificates (CA, ingest server, agents).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// The GitOps repository: scaffold sites, check rendered ones.
+    #[command(subcommand)]
+    Gitops(gitops::GitopsCommand),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Certs(command) => certs::run(command),
+        Command::Gitops(command) => gitops::run(command),
     };
     match result {
         Ok(code) => code,
