@@ -27,6 +27,15 @@ pub enum CertsCommand {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// Issue a site certificate from an existing development CA: one
+    /// certificate for every gateway of the site (a DaemonSet's Secret),
+    /// each streaming as `<node>@<site>`.
+    AddSite {
+        dir: PathBuf,
+        site: String,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
 }
 
 pub fn run(command: CertsCommand) -> anyhow::Result<ExitCode> {
@@ -59,6 +68,11 @@ pub fn run(command: CertsCommand) -> anyhow::Result<ExitCode> {
             let pki = DevPki { dir };
             dev::issue_agent(&pki, &id, Validity::days(days))?;
             println!("agent {id}: {}", pki.agent_cert(&id).display());
+        }
+        CertsCommand::AddSite { dir, site, days } => {
+            let pki = DevPki { dir };
+            dev::issue_site(&pki, &site, Validity::days(days))?;
+            println!("site {site}: {}", pki.site_cert(&site).display());
         }
     }
     Ok(ExitCode::SUCCESS)

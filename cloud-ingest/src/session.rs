@@ -230,7 +230,7 @@ async fn run_session(
             return;
         }
         Err((reject, status)) => {
-            warn!(session = id, %peer, cert_agent = ?info.agent_id, reason = reject.label(), error = %status.message(), "stream rejected");
+            warn!(session = id, %peer, cert = ?info.principal, reason = reject.label(), error = %status.message(), "stream rejected");
             shared.metrics.reject(reject);
             let _ = tx.try_send(Err(status));
             return;
@@ -239,7 +239,7 @@ async fn run_session(
     let agent = match identify(&shared.settings, &info, &hello) {
         Ok(agent) => agent,
         Err((reject, status)) => {
-            warn!(session = id, %peer, cert_agent = ?info.agent_id, claimed = %hello.agent_id, reason = reject.label(), error = %status.message(), "stream rejected");
+            warn!(session = id, %peer, cert = ?info.principal, claimed = %hello.agent_id, reason = reject.label(), error = %status.message(), "stream rejected");
             shared.metrics.reject(reject);
             let _ = tx.try_send(Err(status));
             return;
@@ -330,19 +330,13 @@ fn identify(
             )),
         ));
     }
-    match &info.agent_id {
-        Some(cert) => {
-            if !hello.agent_id.is_empty() && &hello.agent_id != cert {
-                return Err((
-                    Reject::IdentityMismatch,
-                    Status::permission_denied(format!(
-                        "hello claims agent {} but the certificate identifies {cert}",
-                        hello.agent_id
-                    )),
-                ));
-            }
-            Ok(cert.clone())
-        }
+    match &info.principal {
+        Some(principal) => principal.authorise(&hello.agent_id).map_err(|e| {
+            (
+                Reject::IdentityMismatch,
+                Status::permission_denied(e.to_string()),
+            )
+        }),
         None if settings.trust_hello => match edgefleet_pki::check_agent_id(&hello.agent_id) {
             Ok(()) => Ok(hello.agent_id.clone()),
             Err(e) => Err((

@@ -34,9 +34,9 @@ const MAX_CONCURRENT_HANDSHAKES: usize = 1024;
 /// What a handler knows about the connection a request came on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConnectInfo {
-    /// The agent id from the client certificate; `None` in plaintext dev mode,
-    /// where the session takes it from `Hello`.
-    pub agent_id: Option<String>,
+    /// Whom the client certificate speaks for; `None` in plaintext dev mode,
+    /// where the session takes the agent id from `Hello`.
+    pub principal: Option<edgefleet_pki::Principal>,
     pub remote_addr: SocketAddr,
 }
 
@@ -162,7 +162,7 @@ pub fn accept(
                 let conn = AgentConn {
                     io: Io::Plain(tcp),
                     info: AgentConnectInfo {
-                        agent_id: None,
+                        principal: None,
                         remote_addr: peer,
                     },
                     bytes_received: metrics.bytes_received.clone(),
@@ -232,11 +232,11 @@ async fn handshake(
             return None;
         }
     };
-    info!(%peer, agent = %identity.agent_id, "TLS client authenticated");
+    info!(%peer, principal = %identity.principal, "TLS client authenticated");
     Some(AgentConn {
         io: Io::Tls(Box::new(stream)),
         info: AgentConnectInfo {
-            agent_id: Some(identity.agent_id),
+            principal: Some(identity.principal),
             remote_addr: peer,
         },
         bytes_received: metrics.bytes_received.clone(),

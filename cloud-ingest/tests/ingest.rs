@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use edgefleet_pki::dev::{issue_agent, Validity};
+use edgefleet_pki::dev::{issue_agent, issue_site, Validity};
 use edgefleet_proto::agent_message::Kind as In;
 use edgefleet_proto::ingest_message::Kind as Out;
 use edgefleet_proto::{record, Goodbye, Heartbeat, RawPayload, Record, RecordBatch};
@@ -147,7 +147,7 @@ async fn hello_claiming_another_identity_is_permission_denied() {
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(
         status.message(),
-        "hello claims agent gw-2 but the certificate identifies gw-1"
+        "not authorised: hello claims agent `gw-2` but the certificate identifies agent `gw-1`"
     );
     server
         .wait_metric("ingest_rejects_total{reason=\"identity_mismatch\"}", 1)
@@ -156,6 +156,51 @@ async fn hello_claiming_another_identity_is_permission_denied() {
     // An empty claim is fine: the certificate decides.
     let (_stream, ack) = AgentStream::hello(&mut client, "").await;
     assert_eq!(ack.agent_id, "gw-1");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn gateways_sharing_a_site_certificate_keep_their_own_sessions_and_sequences() {
+    let fx = Fixture::new();
+    issue_site(&fx.pki, "plant-7", Validity::days(1)).unwrap();
+    let server = fx.start().await;
+    let (cert, key) = (fx.pki.site_cert("plant-7"), fx.pki.site_key("plant-7"));
+    let mut client_a = fx.client_with(&server.addrs, &cert, &key).await;
+    let mut client_b = fx.client_with(&server.addrs, &cert, &key).await;
+
+    let (mut a, ack) = AgentStream::hello(&mut client_a, "gw-a@plant-7").await;
+    assert_eq!(ack.agent_id, "gw-a@plant-7");
+    a.send(batch(1..=5)).await;
+    assert_eq!(a.expect_ack().await.acked_through, 5);
+    // Same certificate, other node: its own sequence, and no supersede.
+    let (mut b, ack) = AgentStream::hello(&mut client_b, "gw-b@plant-7").await;
+    assert_eq!(
+        (ack.agent_id.as_str(), ack.stored_through),
+        ("gw-b@plant-7", 0)
+    );
+    b.send(batch(1..=3)).await;
+    assert_eq!(b.expect_ack().await.acked_through, 3);
+    a.send(batch(6..=7)).await;
+    assert_eq!(a.expect_ack().await.acked_through, 7);
+    server.wait_metric("ingest_connected_agents", 2).await;
+    let stats = server.stats().await;
+    assert_eq!(stats.agents["gw-a@plant-7"].records, 7);
+    assert_eq!(stats.agents["gw-b@plant-7"].records, 3);
+
+    // A site certificate speaks only for nodes of its own site.
+    for claim in ["", "plant-7", "gw-a@plant-8", "gw-1", "a b@plant-7"] {
+        let mut stream = AgentStream::open(&mut client_a).await.unwrap();
+        stream.send(hello(claim)).await;
+        let status = stream.expect_status().await;
+        assert_eq!(status.code(), Code::PermissionDenied, "{claim:?}");
+        assert!(
+            status.message().contains("plant-7"),
+            "{claim:?}: {status:?}"
+        );
+    }
+    server
+        .wait_metric("ingest_rejects_total{reason=\"identity_mismatch\"}", 5)
+        .await;
     server.stop().await;
 }
 

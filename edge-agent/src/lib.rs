@@ -31,3 +31,10 @@ pub(crate) fn now_ns() -> i64 {
         .map(|d| d.as_nanos() as i64)
         .unwrap_or_default()
 }
+
+/// The kernel's host name, lower-cased: the node name when none is given.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}

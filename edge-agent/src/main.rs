@@ -40,9 +40,10 @@ enum Command {
         /// Namespace of the EdgePipeline (default: the pod's, or the kubeconfig context's).
         #[arg(long, env = "POD_NAMESPACE")]
         namespace: Option<String>,
-        /// This Kubernetes node's name (the downward API's spec.nodeName):
-        /// keys the agent's entry in the status and makes MQTT client ids
-        /// unique (default: the host name).
+        /// This node's name (in a pod, the downward API's spec.nodeName):
+        /// keys the agent's entry in an EdgePipeline's status, makes MQTT
+        /// client ids unique, and with a site certificate names the stream
+        /// (`<node>@<site>`). Default: the host name.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// Write the status at least this often (and within a second of a change).
@@ -112,11 +113,11 @@ fn main() -> ExitCode {
             pipeline_cache,
         } => {
             let feed = match (config, pipeline) {
-                (Some(config), _) => Feed::File(config),
+                (Some(config), _) => Feed::File { config, node_name },
                 (None, Some(name)) => Feed::Pipeline {
                     name,
                     namespace,
-                    node: node_name.unwrap_or_else(host_name),
+                    node: node_name.unwrap_or_else(edge_agent::host_name),
                     status_interval: std::time::Duration::from_secs(status_interval),
                     cache_file: pipeline_cache,
                 },
@@ -133,9 +134,11 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
                 let result = match feed {
-                    Feed::File(config) => Agent::run(ConfigFeed::File(config), shutdown, None)
-                        .await
-                        .map_err(|e| e.to_string()),
+                    Feed::File { config, node_name } => {
+                        Agent::run_on_node(ConfigFeed::File(config), node_name, shutdown, None)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
                     Feed::Pipeline { .. } => run_pipeline(feed, shutdown).await,
                 };
                 match result {
@@ -153,7 +156,10 @@ fn main() -> ExitCode {
 // Without the `kubernetes` feature a pipeline is refused before its fields are read.
 #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 enum Feed {
-    File(PathBuf),
+    File {
+        config: PathBuf,
+        node_name: Option<String>,
+    },
     Pipeline {
         name: String,
         namespace: Option<String>,
@@ -190,13 +196,6 @@ async fn run_pipeline(feed: Feed, shutdown: CancellationToken) -> Result<(), Str
 #[cfg(not(feature = "kubernetes"))]
 async fn run_pipeline(_feed: Feed, _shutdown: CancellationToken) -> Result<(), String> {
     Err("this edge-agent was built without Kubernetes support (cargo feature `kubernetes`): use --config".into())
-}
-
-/// The kernel's host name, for `--node-name` outside a pod.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_ascii_lowercase())
-        .unwrap_or_default()
 }
 
 fn decode(dbc: &[PathBuf], log: &std::path::Path) -> ExitCode {

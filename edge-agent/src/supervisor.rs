@@ -220,6 +220,8 @@ fn start(
         buffer: buffer.clone(),
         metrics: metrics.clone(),
         config_hash: config.hash(),
+        node: node.map_or_else(crate::host_name, str::to_string),
+        expected_identity: config.agent.id.clone(),
     };
     let token = generation.clone();
     tasks.spawn(async move { uplink.run(token).await });

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use edgefleet_buffer::{Buffer, BufferError};
 use edgefleet_config::{Compression, UplinkConfig};
+use edgefleet_pki::Principal;
 use edgefleet_proto::telemetry_client::TelemetryClient;
 use edgefleet_proto::{
     agent_message, ingest_message, AgentMessage, Goodbye, Heartbeat, Hello, RecordBatch,
@@ -60,6 +61,8 @@ pub enum UplinkError {
     Tls(#[from] edgefleet_pki::PkiError),
     #[error("connecting to {endpoint}: {message}")]
     Connect { endpoint: String, message: String },
+    #[error("the client certificate is {found}'s, but agent.id expects `{expected}`")]
+    WrongCertificate { expected: String, found: String },
     #[error("the ingest refused the session: {0}")]
     Refused(String),
     #[error("stream failed: {0}")]
@@ -82,6 +85,11 @@ pub struct Uplink {
     pub buffer: Buffer,
     pub metrics: Arc<Metrics>,
     pub config_hash: String,
+    /// This gateway's node name: with a site certificate the agent streams
+    /// as `<node>@<site>`.
+    pub node: String,
+    /// `agent.id`: the agent or site name the certificate must carry.
+    pub expected_identity: Option<String>,
 }
 
 /// The agent's identity as its certificate states it.
@@ -150,6 +158,15 @@ impl Uplink {
     ) -> Result<SessionEnd, UplinkError> {
         let cfg = &self.config;
         let identity = certificate_identity(cfg)?;
+        if let Some(expected) = &self.expected_identity {
+            let (Principal::Agent(name) | Principal::Site(name)) = &identity.principal;
+            if name != expected {
+                return Err(UplinkError::WrongCertificate {
+                    expected: expected.clone(),
+                    found: identity.principal.to_string(),
+                });
+            }
+        }
         let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
         let keepalive = Duration::from_millis(cfg.keepalive_ms);
         let connect_err = |message: String| UplinkError::Connect {
@@ -188,7 +205,7 @@ impl Uplink {
         let stats = self.buffer.stats();
         let hello = Hello {
             protocol_revision: edgefleet_proto::PROTOCOL_REVISION,
-            agent_id: identity.agent_id.clone(),
+            agent_id: identity.principal.stream_id(&self.node),
             agent_version: crate::VERSION.into(),
             config_hash: self.config_hash.clone(),
             buffer_epoch: stats.epoch,

@@ -293,6 +293,10 @@ pub struct AgentOptions {
     pub cert: Option<(PathBuf, PathBuf)>,
     pub client_id: String,
     pub metrics_port: u16,
+    /// `--node-name` (with a site certificate, the stream is `<node>@<site>`).
+    pub node: Option<String>,
+    /// The MQTT source's `sharedGroup`.
+    pub shared_group: Option<String>,
 }
 
 impl AgentOptions {
@@ -304,6 +308,8 @@ impl AgentOptions {
             cert: None,
             client_id: format!("edgefleet-{id}"),
             metrics_port: free_port(),
+            node: None,
+            shared_group: None,
         }
     }
 }
@@ -385,7 +391,7 @@ sources:
       host: 127.0.0.1
       port: {mqtt}
       clientId: {client_id}
-      cleanSession: false
+      cleanSession: false{shared}
       subscriptions:
         - topic: devices/+/telemetry
           qos: 1
@@ -409,6 +415,11 @@ metrics:
             data = data_dir.display(),
             mqtt = self.mqtt.port,
             client_id = o.client_id,
+            shared = o
+                .shared_group
+                .as_ref()
+                .map(|group| format!("\n      sharedGroup: {group}"))
+                .unwrap_or_default(),
             max_bytes = o.max_bytes,
             when_full = o.when_full,
             ingest = self.ingest_port,
@@ -428,16 +439,36 @@ metrics:
 
     pub fn start_agent(&self, o: &AgentOptions) -> anyhow::Result<Proc> {
         let config = self.agent_config(o)?;
+        let mut command = agent_command();
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info");
+        if let Some(node) = &o.node {
+            command.arg("--node-name").arg(node);
+        }
         let proc = Proc::spawn(
             &format!("edge-agent {}", o.id),
-            agent_command()
-                .arg("run")
-                .arg("--config")
-                .arg(config)
-                .env("RUST_LOG", "info"),
+            &mut command,
             self.dir.path().join(format!("agent-{}.log", o.id)),
         )?;
         wait_for_port(o.metrics_port, Duration::from_secs(20))?;
+        // Up means subscribed (SUBACK): a message published before that
+        // would be dropped by the broker, and the test would count it lost.
+        let subscribed = wait_until(Duration::from_secs(30), || {
+            http_get(o.metrics_port, "/metrics")
+                .ok()
+                .and_then(|text| metric(&text, "edge_source_up", "source=\"mqtt\""))
+                == Some(1.0)
+        });
+        if !subscribed {
+            bail!(
+                "edge-agent {} did not subscribe within 30 s; its log:\n{}",
+                o.id,
+                proc.log_text()
+            );
+        }
         Ok(proc)
     }
 

@@ -103,6 +103,58 @@ fn sigkill_of_the_agent_under_load_loses_and_duplicates_nothing() {
 }
 
 #[test]
+fn gateways_of_one_site_share_its_certificate_and_its_subscriptions() {
+    // Two gateways of site plant-7, as a DaemonSet runs them: one site
+    // certificate, one MQTT shared group, node names from the downward API.
+    let mut fleet = Fleet::new(&[]).unwrap();
+    edgefleet_pki::dev::issue_site(&fleet.pki, "plant-7", edgefleet_pki::dev::Validity::days(1))
+        .unwrap();
+    fleet.start_ingest().unwrap();
+    let gateway = |node: &str| AgentOptions {
+        cert: Some((
+            fleet.pki.site_cert("plant-7"),
+            fleet.pki.site_key("plant-7"),
+        )),
+        node: Some(node.into()),
+        shared_group: Some("edgefleet-plant-7".into()),
+        ..AgentOptions::new(node)
+    };
+    let (a, b) = (gateway("gw-a"), gateway("gw-b"));
+    let mut proc_a = fleet.start_agent(&a).unwrap();
+    let mut proc_b = fleet.start_agent(&b).unwrap();
+    let (devices, messages) = (4, 1000);
+    let mut publisher = fleet.publish(devices, messages, 2000, 0).unwrap();
+    // One gateway dies mid-stream and comes back: its share of the messages
+    // waits in its broker session and its buffer.
+    std::thread::sleep(Duration::from_millis(rand::rng().random_range(300..1200)));
+    assert!(publisher.is_running(), "publishing ended before the kill");
+    proc_a.kill9();
+    proc_a = fleet.start_agent(&a).unwrap();
+    let published = publisher.wait(Duration::from_secs(120)).unwrap();
+    assert!(
+        wait_until(DRAIN, || fleet.stored() >= published),
+        "stored {} of {published}",
+        fleet.stored()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let per_stream = http_get(fleet.ingest_metrics_port, "/stats").unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&per_stream).unwrap();
+    let stored_by = |stream: &str| stats["agents"][stream]["records"].as_u64().unwrap_or(0);
+    let (by_a, by_b) = (stored_by("gw-a@plant-7"), stored_by("gw-b@plant-7"));
+    assert_eq!(by_a + by_b, published, "{per_stream}");
+    assert!(
+        by_a > 0 && by_b > 0,
+        "both gateways take a share: {per_stream}"
+    );
+    assert_eq!(proc_b.terminate(Duration::from_secs(30)).unwrap(), Some(0));
+    assert_eq!(proc_a.terminate(Duration::from_secs(30)).unwrap(), Some(0));
+    let d = final_delivery(&mut fleet, devices, messages, |_| false);
+    // Each device's messages are split between two streams, so the store's
+    // order (by stream, then sequence) interleaves them: order is not checked.
+    assert_eq!((d.stored, d.duplicates, d.lost), (published, 0, 0), "{d:?}");
+}
+
+#[test]
 fn sigkill_of_the_ingest_under_load_loses_and_duplicates_nothing() {
     let mut fleet = Fleet::new(&["gw-1"]).unwrap();
     fleet.start_ingest().unwrap();

@@ -108,6 +108,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         buffer: buffer.clone(),
         metrics,
         config_hash: "bench".into(),
+        node: "bench".into(),
+        expected_identity: None,
     };
     let uplink_task = tokio::spawn(uplink.run(shutdown.clone()));
     let origin2 = Instant::now();

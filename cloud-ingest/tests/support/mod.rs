@@ -77,10 +77,23 @@ impl Fixture {
 
     /// A client authenticated as `agent` (a certificate in the fixture's PKI).
     pub async fn client(&self, addrs: &BoundAddrs, agent: &str) -> TelemetryClient<Channel> {
-        let identity = Identity::from_pem(
-            std::fs::read(self.pki.agent_cert(agent)).unwrap(),
-            std::fs::read(self.pki.agent_key(agent)).unwrap(),
-        );
+        self.client_with(
+            addrs,
+            &self.pki.agent_cert(agent),
+            &self.pki.agent_key(agent),
+        )
+        .await
+    }
+
+    /// A client presenting the certificate and key in these files.
+    pub async fn client_with(
+        &self,
+        addrs: &BoundAddrs,
+        cert: &Path,
+        key: &Path,
+    ) -> TelemetryClient<Channel> {
+        let identity =
+            Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
         connect(addrs, &self.pki.ca_cert(), Some(identity))
             .await
             .unwrap()

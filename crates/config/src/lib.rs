@@ -35,8 +35,9 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentSection {
-    /// The identity this agent expects its client certificate to carry. When
-    /// set, the agent refuses to start with a certificate for another identity.
+    /// The agent or site name this agent expects its client certificate to
+    /// carry. When set, the agent will not connect with a certificate for
+    /// another identity (it keeps buffering and reports why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// Directory of the durable buffer. Must survive restarts (a hostPath on K3s).
@@ -95,6 +96,13 @@ pub struct MqttSource {
     pub password_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MqttTls>,
+    /// Share the subscriptions among every agent using this group name
+    /// (MQTT shared subscriptions, `$share/<group>/<topic>`): the broker
+    /// hands each message to one of them. Without it each gateway of a site
+    /// receives, and stores, every message. Mosquitto, EMQX, HiveMQ and
+    /// VerneMQ support it, also for MQTT 3.1.1 clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_group: Option<String>,
     pub subscriptions: Vec<Subscription>,
 }
 

@@ -54,6 +54,14 @@ impl AgentConfig {
                     _ => p(at("tls"), "certFile and keyFile go together".into()),
                 }
             }
+            if let Some(group) = &mqtt.shared_group {
+                if group.is_empty() || group.contains(['/', '+', '#']) {
+                    p(
+                        at("sharedGroup"),
+                        format!("`{group}`: must be non-empty, without `/`, `+` or `#`"),
+                    );
+                }
+            }
             if mqtt.subscriptions.is_empty() {
                 p(
                     at("subscriptions"),
@@ -64,6 +72,12 @@ impl AgentConfig {
                 let at = |field: &str| format!("sources.mqtt[{i}].subscriptions[{j}].{field}");
                 if let Err(e) = check_topic_filter(&sub.topic) {
                     p(at("topic"), e);
+                }
+                if sub.topic.starts_with("$share/") {
+                    p(
+                        at("topic"),
+                        "use the source's `sharedGroup` instead of a `$share/` filter".into(),
+                    );
                 }
                 if sub.qos > 1 {
                     p(

@@ -492,6 +492,8 @@ fn pipeline_for(
             username: None,
             password_file: None,
             tls: None,
+            // Every gateway of the site subscribes; each message goes to one.
+            shared_group: Some(format!("edgefleet-{name}")),
             subscriptions: options
                 .mqtt_topics
                 .iter()

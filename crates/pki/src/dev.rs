@@ -10,7 +10,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::{check_agent_id, PkiError, AGENT_URI_PREFIX};
+use crate::{check_name, PkiError, AGENT_URI_PREFIX, SITE_URI_PREFIX};
 
 /// Where `init` put things.
 #[derive(Debug, Clone)]
@@ -36,6 +36,12 @@ impl DevPki {
     }
     pub fn agent_key(&self, id: &str) -> PathBuf {
         self.dir.join("agents").join(format!("{id}.key"))
+    }
+    pub fn site_cert(&self, site: &str) -> PathBuf {
+        self.dir.join("sites").join(format!("{site}.pem"))
+    }
+    pub fn site_key(&self, site: &str) -> PathBuf {
+        self.dir.join("sites").join(format!("{site}.key"))
     }
 }
 
@@ -69,7 +75,7 @@ impl Validity {
 /// IP addresses) and one client certificate per agent id in `dir`.
 pub fn init(dir: &Path, agent_ids: &[String], server_names: &[String]) -> Result<DevPki, PkiError> {
     for id in agent_ids {
-        check_agent_id(id)?;
+        check_name(id)?;
     }
     let pki = DevPki {
         dir: dir.to_path_buf(),
@@ -99,7 +105,12 @@ pub fn init(dir: &Path, agent_ids: &[String], server_names: &[String]) -> Result
     write_secret(&pki.server_key(), server_key.serialize_pem())?;
 
     for id in agent_ids {
-        let (cert, key) = agent_cert(id, Validity::days(365), &issuer)?;
+        let (cert, key) = client_cert(
+            id,
+            &format!("{AGENT_URI_PREFIX}{id}"),
+            Validity::days(365),
+            &issuer,
+        )?;
         write(&pki.agent_cert(id), cert)?;
         write_secret(&pki.agent_key(id), key)?;
     }
@@ -109,14 +120,33 @@ pub fn init(dir: &Path, agent_ids: &[String], server_names: &[String]) -> Result
 /// Issues one more agent certificate from the CA in `pki` (for `certs add-agent`
 /// and for tests that need odd validity windows).
 pub fn issue_agent(pki: &DevPki, id: &str, validity: Validity) -> Result<(), PkiError> {
-    check_agent_id(id)?;
+    check_name(id)?;
     let ca_pem = read_string(&pki.ca_cert())?;
     let ca_key = KeyPair::from_pem(&read_string(&pki.ca_key())?)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-    let (cert, key) = agent_cert(id, validity, &issuer)?;
+    let (cert, key) = client_cert(id, &format!("{AGENT_URI_PREFIX}{id}"), validity, &issuer)?;
     create_dir(&pki.dir.join("agents"))?;
     write(&pki.agent_cert(id), cert)?;
     write_secret(&pki.agent_key(id), key)
+}
+
+/// Issues a site certificate (`urn:edgefleet:site:<site>`), shared by every
+/// gateway of the site; each streams as `<node>@<site>` (see
+/// [`crate::identity`]).
+pub fn issue_site(pki: &DevPki, site: &str, validity: Validity) -> Result<(), PkiError> {
+    check_name(site)?;
+    let ca_pem = read_string(&pki.ca_cert())?;
+    let ca_key = KeyPair::from_pem(&read_string(&pki.ca_key())?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let (cert, key) = client_cert(
+        &format!("site {site}"),
+        &format!("{SITE_URI_PREFIX}{site}"),
+        validity,
+        &issuer,
+    )?;
+    create_dir(&pki.dir.join("sites"))?;
+    write(&pki.site_cert(site), cert)?;
+    write_secret(&pki.site_key(site), key)
 }
 
 fn ca_params(name: &str) -> Result<CertificateParams, PkiError> {
@@ -130,15 +160,18 @@ fn ca_params(name: &str) -> Result<CertificateParams, PkiError> {
     Ok(params)
 }
 
-fn agent_cert(
-    id: &str,
+fn client_cert(
+    common_name: &str,
+    uri: &str,
     validity: Validity,
     issuer: &Issuer<'_, KeyPair>,
 ) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, id);
-    params.subject_alt_names = vec![SanType::URI(format!("{AGENT_URI_PREFIX}{id}").try_into()?)];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.subject_alt_names = vec![SanType::URI(uri.to_string().try_into()?)];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.not_before = validity.not_before;
@@ -201,13 +234,23 @@ mod tests {
         .unwrap();
         let der = crate::load::certs(&pki.agent_cert("gw-1")).unwrap();
         let identity = crate::agent_identity(&der[0]).unwrap();
-        assert_eq!(identity.agent_id, "gw-1");
+        assert_eq!(identity.principal, crate::Principal::Agent("gw-1".into()));
         assert!(identity.not_after > identity.not_before);
 
         issue_agent(&pki, "gw-old", Validity::expired()).unwrap();
         let der = crate::load::certs(&pki.agent_cert("gw-old")).unwrap();
         let identity = crate::agent_identity(&der[0]).unwrap();
         assert!(identity.not_after < OffsetDateTime::now_utc().unix_timestamp());
+
+        issue_site(&pki, "plant-7", Validity::days(30)).unwrap();
+        let der = crate::load::certs(&pki.site_cert("plant-7")).unwrap();
+        let identity = crate::agent_identity(&der[0]).unwrap();
+        assert_eq!(identity.principal, crate::Principal::Site("plant-7".into()));
+        // A name with `@` would collide with a site's streams.
+        assert!(matches!(
+            issue_agent(&pki, "gw-1@plant-7", Validity::days(1)),
+            Err(PkiError::BadAgentId(_))
+        ));
 
         // The server chain and key make a valid rustls config with client auth.
         let config = crate::server_tls_config(

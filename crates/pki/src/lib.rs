@@ -16,7 +16,7 @@ pub mod load;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use identity::{agent_identity, AGENT_URI_PREFIX};
+pub use identity::{agent_identity, CertIdentity, Principal, AGENT_URI_PREFIX, SITE_URI_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -42,8 +42,10 @@ pub enum PkiError {
     Tls(#[from] rustls::Error),
     #[error("client certificate verifier: {0}")]
     Verifier(String),
-    #[error("invalid agent id `{0}`: use letters, digits, '.', '_' and '-' only")]
+    #[error("invalid agent id `{0}`: use letters, digits, '.', '_' and '-' only (and `<node>@<site>` for a gateway of a site)")]
     BadAgentId(String),
+    #[error("not authorised: {0}")]
+    NotAuthorised(String),
 }
 
 /// The ingest's TLS configuration: its own certificate chain and key, and a
@@ -73,14 +75,29 @@ pub fn server_tls_config(
     Ok(config)
 }
 
-/// Agent ids end up in file names, metric labels and store keys: keep them tame.
-pub fn check_agent_id(id: &str) -> Result<(), PkiError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
+/// A certificate's agent or site name. Names end up in file names, metric
+/// labels and store keys: keep them tame.
+pub fn check_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
+        Ok(())
+    } else {
+        Err(PkiError::BadAgentId(name.to_string()))
+    }
+}
+
+/// A stream's agent id: an agent's name, or `<node>@<site>` for a gateway
+/// holding its site's certificate (see [`identity`]).
+pub fn check_agent_id(id: &str) -> Result<(), PkiError> {
+    let parts_ok = match id.split_once('@') {
+        Some((node, site)) => check_name(node).is_ok() && check_name(site).is_ok(),
+        None => check_name(id).is_ok(),
+    };
+    if parts_ok {
         Ok(())
     } else {
         Err(PkiError::BadAgentId(id.to_string()))

@@ -65,10 +65,18 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
     };
     let options = mqtt_options(&config).map_err(fatal)?;
     let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    // Published messages carry their real topic, so only the SUBSCRIBE
+    // names the share; routing below matches the plain filters.
     let subscriptions: Vec<(String, QoS)> = config
         .subscriptions
         .iter()
-        .map(|s| (s.topic.clone(), qos(s.qos)))
+        .map(|s| {
+            let filter = match &config.shared_group {
+                Some(group) => format!("$share/{group}/{}", s.topic),
+                None => s.topic.clone(),
+            };
+            (filter, qos(s.qos))
+        })
         .collect();
     let routes: Arc<Vec<Route>> = Arc::new(
         config
