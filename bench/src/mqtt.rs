@@ -22,7 +22,7 @@ pub fn payload(n: u64, device: u32, ts_ns: i64) -> String {
         "{{\"n\":{n},\"timestamp_ns\":{ts_ns},\"temp\":{:.2},\"rpm\":{},\"ok\":{},\"mode\":\"{}\"}}",
         20.0 + (n % 100) as f64 / 10.0 + f64::from(device % 7),
         1200 + n % 400,
-        n % 7 != 0,
+        !n.is_multiple_of(7),
         if n % 100 < 50 { "eco" } else { "boost" }
     )
 }
@@ -120,12 +120,12 @@ async fn publish_one(
                 .await?;
             sent += 1;
             if let Some(rate) = rate {
-                if sent % 16 == 0 {
+                if sent.is_multiple_of(16) {
                     let due = start + Duration::from_secs_f64(sent as f64 / rate);
                     tokio::time::sleep_until(due.into()).await;
                 }
             }
-            if sent % 256 == 0 && start.elapsed() >= duration {
+            if sent.is_multiple_of(256) && start.elapsed() >= duration {
                 break 'outer;
             }
         }
