@@ -44,7 +44,16 @@ pub(crate) fn open_or_quarantine(
     })?;
     // sled and our own checks may panic on garbage; a panic here must become
     // a quarantine, not a crash loop.
-    let attempt = catch_unwind(AssertUnwindSafe(|| try_open(&dir)));
+    // A lock still held by a buffer this process just closed is released
+    // within moments (sled's background threads let go of it); wait a little
+    // before reporting it.
+    let mut attempt = catch_unwind(AssertUnwindSafe(|| try_open(&dir)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while matches!(&attempt, Ok(Err(e)) if is_lock_held(e)) && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        attempt = catch_unwind(AssertUnwindSafe(|| try_open(&dir)));
+    }
     let reason = match attempt {
         Ok(Ok((db, levels, created))) => {
             let report = OpenReport {
@@ -124,8 +133,25 @@ fn sled_config(dir: &Path) -> sled::Config {
         .flush_every_ms(None)
 }
 
+/// sled reports a held lock as an `Other` I/O error with this text.
+fn is_lock_held(err: &OpenFailure) -> bool {
+    matches!(err, OpenFailure::Unavailable(BufferError::Storage { source: sled::Error::Io(io), .. })
+        if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock"))
+}
+
 fn classify(dir: &Path, err: sled::Error) -> OpenFailure {
     match err {
+        // Another agent (or a buffer of this process not yet fully closed)
+        // holds the lock: the files are fine, never quarantine them.
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::Other
+                && io.to_string().contains("could not acquire lock") =>
+        {
+            OpenFailure::Unavailable(BufferError::Storage {
+                dir: dir.to_path_buf(),
+                source: sled::Error::Io(io),
+            })
+        }
         sled::Error::Io(io)
             if matches!(
                 io.kind(),

@@ -255,3 +255,14 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_buffer_locked_by_another_instance_is_not_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    buffer.append(vec![record("d", b"x")]).await.unwrap();
+    let second = Buffer::open(options(dir.path()));
+    assert!(second.is_err(), "the lock is held: {:?}", second.map(|(_, r)| r));
+    assert!(!dir.path().join("quarantine").exists());
+    assert_eq!(buffer.read_from(1, 10, usize::MAX).unwrap().len(), 1);
+}
