@@ -37,7 +37,7 @@ fn sample(n: u64, device: u64) -> Record {
         sig("n", signal::Value::I64(n as i64)),
         sig("temp", signal::Value::F64(20.0 + (n % 100) as f64 / 10.0)),
         sig("rpm", signal::Value::I64(1200 + (n % 400) as i64)),
-        sig("ok", signal::Value::Bool(n % 7 != 0)),
+        sig("ok", signal::Value::Bool(!n.is_multiple_of(7))),
         sig(
             "mode",
             signal::Value::Str(if n % 100 < 50 { "eco" } else { "boost" }.into()),

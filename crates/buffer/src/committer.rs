@@ -1,6 +1,19 @@
 //! The buffer's single writer. Every change goes through here, in order, so
 //! records, counters and bookkeeping never disagree; appends that arrive
-//! together share one sled batch and one fsync (group commit).
+//! together share one sled batch and one fsync (group commit), and their
+//! records one sled value: a segment ([`crate::segment`]).
+//!
+//! Level bookkeeping with segments:
+//! * `records` counts sequence numbers: a segment `first..=last` holds
+//!   `last - first + 1` records, minus those at or below `acked_through`.
+//! * `bytes` counts the bytes of the segment values on disk. A partly acked
+//!   segment stays (and counts in full) until its last record is acked, so
+//!   the byte cap bounds what is really stored.
+//! * `DropOldest` drops whole segments, oldest first, that lie entirely
+//!   above the send reservation (and the ack floor), so every dropped record
+//!   is one the uplink never had and the drop counter stays exact. A segment
+//!   that straddles the reservation is never dropped: its unsent tail stays
+//!   while newer segments may go, a small departure from strict age order.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -10,7 +23,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::sync::{oneshot, watch};
 
-use crate::keys;
+use crate::{keys, segment};
 use crate::{
     BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Incoming, Levels, Outcome,
 };
@@ -65,6 +78,8 @@ pub(crate) struct Committer {
     dead_n: u64,
     /// An append waiting for room under the `Block` policy.
     stalled: Option<Op>,
+    /// The segment of the current group, reused across groups.
+    segment: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -78,8 +93,14 @@ struct Group {
     dedupe: HashMap<Vec<u8>, [u8; 16]>,
     /// Records already deleted in this (unapplied) batch, by acks and drops.
     ack_floor: u64,
+    /// Segments starting in `drop_start..drop_cursor` were dropped in this
+    /// (unapplied) batch; sled still shows them.
+    drop_start: u64,
     drop_cursor: u64,
     dead: Vec<DeadLetter>,
+    /// Sequence numbers of the records in this group's segment.
+    segment_first: u64,
+    segment_records: u64,
 }
 
 impl Committer {
@@ -107,6 +128,7 @@ impl Committer {
             dead_count,
             dead_n: 0,
             stalled: None,
+            segment: Vec::new(),
         }
     }
 
@@ -244,15 +266,16 @@ impl Committer {
         reply: Reply<Vec<Outcome>>,
         group: &mut Group,
     ) {
-        // Sizes with the sequence number set, as stored.
-        let seq_guess = self.levels.next_seq;
+        // Sizes as stored: without the sequence number (it is implied by
+        // the position in the segment), length-delimited, with a header.
         let total: u64 = records
             .iter_mut()
             .map(|r| {
-                r.record.seq = seq_guess;
-                r.record.encoded_len() as u64
+                r.record.seq = 0;
+                segment::stored_len(r.record.encoded_len()) as u64
             })
-            .sum();
+            .sum::<u64>()
+            + segment::HEADER_LEN as u64;
         if total > self.options.max_bytes {
             let _ = reply.send(Err(BufferError::TooLarge {
                 bytes: total,
@@ -287,48 +310,72 @@ impl Committer {
                 group.batch.insert(key.as_slice(), &d.fingerprint);
                 group.dedupe.insert(key, d.fingerprint);
             }
-            let mut record = incoming.record;
-            record.seq = self.levels.next_seq;
-            let value = record.encode_to_vec();
-            let size = value.len() as u64;
+            let record = incoming.record;
+            let header = if group.segment_records == 0 {
+                segment::HEADER_LEN as u64
+            } else {
+                0
+            };
+            let size = segment::stored_len(record.encoded_len()) as u64 + header;
             if self.levels.bytes + size > self.options.max_bytes && !self.make_room(size, group) {
                 self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
                 outcomes.push(Outcome::Dropped);
                 continue;
             }
-            group.batch.insert(&keys::record(record.seq), value);
+            // Sequence numbers in a group are contiguous: only stored
+            // records take one, so the segment numbers them by position.
+            let seq = self.levels.next_seq;
+            if group.segment_records == 0 {
+                segment::start(&mut self.segment);
+                group.segment_first = seq;
+            }
+            let pushed = segment::push(&mut self.segment, &record) as u64;
+            debug_assert_eq!(pushed + header, size);
+            group.segment_records += 1;
             self.levels.next_seq += 1;
             self.levels.records += 1;
             self.levels.bytes += size;
             group.records += 1;
             group.appended += 1;
             group.needs_flush = true;
-            outcomes.push(Outcome::Stored(record.seq));
+            outcomes.push(Outcome::Stored(seq));
         }
         group.appends.push((reply, outcomes));
     }
 
-    /// `DropOldest`: deletes the oldest records that were never handed to the
-    /// uplink until `size` more bytes fit. False when that is not enough.
+    /// `DropOldest`: deletes the oldest segments that were never handed to
+    /// the uplink until `size` more bytes fit. False when that is not enough.
     fn make_room(&mut self, size: u64, group: &mut Group) -> bool {
+        // Only segments that start above everything possibly sent (and
+        // everything acked, which was sent) are candidates; the segment of
+        // the current group is not on disk yet and never dropped.
         let from = self
             .sent_reserved
+            .max(group.ack_floor)
             .saturating_add(1)
             .max(group.drop_cursor)
             .max(self.levels.first_seq);
+        if group.drop_cursor == 0 {
+            group.drop_start = from;
+        }
         let mut dropped = 0u64;
         let mut cursor = from;
-        for item in self.tree.range(keys::record(from)..keys::records_end()) {
+        for item in self
+            .tree
+            .range(&keys::seq_bound(from)[..]..keys::records_end())
+        {
             if self.levels.bytes + size <= self.options.max_bytes {
                 break;
             }
             let Ok((key, value)) = item else { break };
-            let Some(seq) = keys::seq_of(&key) else { break };
+            let Some((first, last)) = keys::span_of(&key) else {
+                break;
+            };
             group.batch.remove(key);
-            self.levels.bytes -= value.len() as u64;
-            self.levels.records -= 1;
-            dropped += 1;
-            cursor = seq + 1;
+            self.levels.bytes = self.levels.bytes.saturating_sub(value.len() as u64);
+            self.levels.records -= last - first + 1;
+            dropped += last - first + 1;
+            cursor = last + 1;
         }
         group.drop_cursor = cursor;
         if dropped > 0 {
@@ -345,23 +392,58 @@ impl Committer {
         if through <= group.ack_floor {
             return;
         }
-        let from = group.ack_floor + 1;
-        for (key, value) in self
+        let floor = group.ack_floor;
+        // The segment that may hold `floor + 1`, then every segment starting
+        // at or below `through`.
+        let start = self
             .tree
-            .range(keys::record(from)..=keys::record(through))
-            .flatten()
-        {
-            // Acked records were sent, so they are at or below the send
-            // reservation, and drops never touch those: no double count.
-            group.batch.remove(key);
-            self.levels.bytes -= value.len() as u64;
-            self.levels.records -= 1;
+            .range(keys::records_start()..&keys::seq_bound(floor + 1)[..])
+            .next_back()
+            .and_then(|item| item.ok())
+            .map(|(key, _)| key);
+        let end = keys::seq_bound(through + 1);
+        let start = start.map_or_else(|| keys::seq_bound(floor + 1).to_vec(), |key| key.to_vec());
+        let segments = self.tree.range(start.as_slice()..end.as_slice());
+        for (key, value) in segments.flatten() {
+            let Some((first, last)) = keys::span_of(&key) else {
+                continue;
+            };
+            if last <= floor {
+                // Fully acked earlier (deleted in this batch, or a format
+                // 1 leftover); counted then.
+                continue;
+            }
+            if group.drop_cursor > 0 && (group.drop_start..group.drop_cursor).contains(&first) {
+                // Dropped in this batch. Acked records were sent, so at or
+                // below the send reservation, and drops never touch those:
+                // this is only a guard against counting twice.
+                continue;
+            }
+            let lo = first.max(floor + 1);
+            let hi = last.min(through);
+            self.levels.records -= hi - lo + 1;
+            if last <= through {
+                group.batch.remove(key);
+                self.levels.bytes = self.levels.bytes.saturating_sub(value.len() as u64);
+            }
         }
         group.ack_floor = through;
         self.levels.acked_through = through;
     }
 
     fn commit(&mut self, mut group: Group) {
+        if group.segment_records > 0 {
+            segment::finish(&mut self.segment);
+            let last = group.segment_first + group.segment_records - 1;
+            group.batch.insert(
+                &keys::segment(group.segment_first, last),
+                self.segment.as_slice(),
+            );
+            if self.segment.capacity() > 16 << 20 {
+                // One huge group must not pin its memory forever.
+                self.segment = Vec::new();
+            }
+        }
         for letter in std::mem::take(&mut group.dead) {
             if let Ok(json) = serde_json::to_vec(&letter) {
                 self.dead_n += 1;
@@ -431,12 +513,7 @@ impl Committer {
         if self.levels.records == 0 {
             return 0;
         }
-        self.tree
-            .range(keys::records_start()..=keys::records_end())
-            .next()
-            .and_then(|item| item.ok())
-            .and_then(|(key, _)| keys::seq_of(&key))
-            .unwrap_or(0)
+        first_seq(&self.tree, self.levels.acked_through)
     }
 
     fn trim_dead_letters(&mut self) {
@@ -472,11 +549,13 @@ impl Committer {
         let shift = (stored_through + 1).saturating_sub(base);
         let mut batch = sled::Batch::default();
         if shift > 0 {
+            // Sequence numbers inside a segment are implied by its key, so
+            // renumbering moves each value to a shifted key, unchanged.
             // Highest first: each new key is above every old key still to be
             // visited, so inserts and removes in one batch never collide.
             let mut entries: Vec<_> = self
                 .tree
-                .range(keys::records_start()..=keys::records_end())
+                .range(keys::records_start()..keys::records_end())
                 .collect::<Result<_, _>>()
                 .map_err(|source| BufferError::Storage {
                     dir: self.options.buffer_dir(),
@@ -484,14 +563,10 @@ impl Committer {
                 })?;
             entries.reverse();
             for (key, value) in entries {
-                let Some(seq) = keys::seq_of(&key) else {
+                let Some((first, last)) = keys::span_of(&key) else {
                     continue;
                 };
-                let Ok(mut record) = edgefleet_proto::Record::decode(value.as_ref()) else {
-                    continue;
-                };
-                record.seq = seq + shift;
-                batch.insert(&keys::record(record.seq), record.encode_to_vec());
+                batch.insert(&keys::segment(first + shift, last + shift), value);
                 batch.remove(key);
             }
         }
@@ -524,4 +599,15 @@ impl Committer {
         }
         Ok(AnchorOutcome::Shifted(shift))
     }
+}
+
+/// Lowest buffered sequence number: the start of the first segment, or the
+/// record after the ack floor when that segment is partly acked.
+pub(crate) fn first_seq(tree: &sled::Db, acked_through: u64) -> u64 {
+    tree.range(keys::records_start()..keys::records_end())
+        .next()
+        .and_then(|item| item.ok())
+        .and_then(|(key, _)| keys::span_of(&key))
+        .map(|(first, _)| first.max(acked_through + 1))
+        .unwrap_or(0)
 }

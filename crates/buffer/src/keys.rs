@@ -1,34 +1,65 @@
 //! Key layout of the buffer's single sled tree. One tree, so that one batch
 //! changes records and bookkeeping atomically.
 //!
-//! | prefix | key                  | value                         |
-//! |--------|----------------------|-------------------------------|
-//! | `r`    | seq (u64 BE)         | prost-encoded `Record`        |
-//! | `m`    | name                 | u64 BE / bytes (bookkeeping)  |
-//! | `q`    | dedupe key           | 16-byte fingerprint           |
-//! | `x`    | time (i64 BE) + n    | JSON `DeadLetter`             |
+//! | prefix | key                          | value                          |
+//! |--------|------------------------------|--------------------------------|
+//! | `r`    | first seq + last seq (u64 BE)| a segment ([`crate::segment`]) |
+//! | `m`    | name                         | u64 BE / bytes (bookkeeping)   |
+//! | `q`    | dedupe key                   | 16-byte fingerprint            |
+//! | `x`    | time (i64 BE) + n            | JSON `DeadLetter`              |
+//!
+//! A segment holds the records of one group commit, whose sequence numbers
+//! are contiguous; its key names the first and the last, so that acks, drops
+//! and the level bookkeeping never need to look inside a value. Keys sort by
+//! first sequence number. Format 1 stored one record per key (`r` + seq,
+//! 9 bytes); [`crate::open`] migrates such buffers.
 
 pub const RECORD: u8 = b'r';
 pub const DEDUPE: u8 = b'q';
 pub const DEAD: u8 = b'x';
 
-pub fn record(seq: u64) -> [u8; 9] {
+/// The key of the segment holding `first..=last`.
+pub fn segment(first: u64, last: u64) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = RECORD;
+    key[1..9].copy_from_slice(&first.to_be_bytes());
+    key[9..].copy_from_slice(&last.to_be_bytes());
+    key
+}
+
+/// `(first, last)` of a segment key.
+pub fn span_of(key: &[u8]) -> Option<(u64, u64)> {
+    if key.len() != 17 || key[0] != RECORD {
+        return None;
+    }
+    let first = u64::from_be_bytes(key[1..9].try_into().unwrap());
+    let last = u64::from_be_bytes(key[9..].try_into().unwrap());
+    (first <= last).then_some((first, last))
+}
+
+/// A bound below every segment whose first sequence number is `>= seq` and
+/// above every segment starting before it: `range(..seq_bound(s))` ends with
+/// the segment that may contain `s - 1`'s successor, `range(seq_bound(s)..)`
+/// starts at the first segment starting at or after `s`.
+pub fn seq_bound(seq: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = RECORD;
     key[1..].copy_from_slice(&seq.to_be_bytes());
     key
 }
 
-pub fn seq_of(key: &[u8]) -> Option<u64> {
+/// Format 1: the key of a single record.
+pub fn v1_seq_of(key: &[u8]) -> Option<u64> {
     (key.len() == 9 && key[0] == RECORD).then(|| u64::from_be_bytes(key[1..].try_into().unwrap()))
 }
 
-pub fn records_start() -> [u8; 9] {
-    record(0)
+pub fn records_start() -> &'static [u8] {
+    &[RECORD]
 }
 
-pub fn records_end() -> [u8; 9] {
-    record(u64::MAX)
+/// Above every record key.
+pub fn records_end() -> &'static [u8] {
+    &[RECORD + 1]
 }
 
 pub fn dedupe(key: &[u8]) -> Vec<u8> {
@@ -56,7 +87,9 @@ pub const META_SENT_RESERVED: &[u8] = b"m/sent_reserved";
 pub const META_FORMAT: &[u8] = b"m/format";
 
 /// Bumped when the layout changes incompatibly.
-pub const FORMAT_VERSION: u64 = 1;
+/// 1: one key per record. 2: one key per segment (group commit).
+pub const FORMAT_VERSION: u64 = 2;
+pub const FORMAT_V1: u64 = 1;
 
 pub fn u64_value(value: &[u8]) -> Option<u64> {
     value.try_into().ok().map(u64::from_be_bytes)

@@ -16,6 +16,9 @@
 //!   drop counter counts exactly the records that can never reach the ingest.
 //! * **Survives SIGKILL at any point.** One sled tree, one atomic batch per
 //!   group: records, counters and bookkeeping change together or not at all.
+//!   A group's records are stored together as one value, a segment
+//!   ([`segment`]), so appending costs one sled write per group, not one per
+//!   record.
 //! * **Never crash-loops on corruption.** A buffer that cannot be opened is moved
 //!   to `quarantine/` and a fresh one started, and [`OpenReport`] says so.
 //!
@@ -25,6 +28,7 @@
 mod committer;
 mod keys;
 mod open;
+mod segment;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgefleet_proto::Record;
-use prost::Message;
 use tokio::sync::{oneshot, watch};
 
 pub use committer::AnchorOutcome;
@@ -321,37 +324,75 @@ impl Buffer {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, BufferError> {
-        let durable = self.inner.levels.borrow().durable_through;
+        let (durable, acked) = {
+            let levels = self.inner.levels.borrow();
+            (levels.durable_through, levels.acked_through)
+        };
+        // A partly acked segment still holds its acked records: never
+        // return those.
+        let from = from.max(acked.saturating_add(1));
         let mut out = Vec::new();
         if from > durable {
             return Ok(out);
         }
+        let storage = |source| BufferError::Storage {
+            dir: self.inner.dir.clone(),
+            source,
+        };
+        let tree = &self.inner.tree;
+        // The segment holding `from` starts at or before it: the last one
+        // starting there, then every later one starting while durable.
+        let start = tree
+            .range(keys::records_start()..&keys::seq_bound(from.saturating_add(1))[..])
+            .next_back()
+            .transpose()
+            .map_err(storage)?
+            .map(|(key, _)| key);
+        let end = keys::seq_bound(durable.saturating_add(1));
+        let start = start.map_or_else(|| keys::seq_bound(from).to_vec(), |key| key.to_vec());
+        let segments = tree.range(start.as_slice()..end.as_slice());
         let mut bytes = 0usize;
-        for item in self
-            .inner
-            .tree
-            .range(keys::record(from)..=keys::record(durable))
-        {
-            let (key, value) = item.map_err(|source| BufferError::Storage {
-                dir: self.inner.dir.clone(),
-                source,
-            })?;
-            if !out.is_empty() && (out.len() >= max_records || bytes + value.len() > max_bytes) {
-                break;
+        'segments: for item in segments {
+            let (key, value) = item.map_err(storage)?;
+            let Some((first, last)) = keys::span_of(&key) else {
+                continue;
+            };
+            if last < from {
+                continue;
             }
-            match Record::decode(value.as_ref()) {
-                Ok(record) => {
-                    bytes += value.len();
-                    out.push(record);
-                }
-                Err(e) => {
-                    // A damaged record must not stall the uplink forever: skip
-                    // it, loudly. The ingest sees a gap in the sequence.
+            let records = match segment::records(&value, last - first + 1) {
+                Ok(records) => records,
+                Err(damage) => {
+                    // A damaged segment must not stall the uplink forever:
+                    // skip it, loudly. The ingest sees a gap in the sequence.
+                    let skipped = last.min(durable) - first.max(from) + 1;
                     self.inner
                         .counters
                         .corrupt_skipped
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(key = ?keys::seq_of(&key), error = %e, "skipping undecodable record in the buffer");
+                        .fetch_add(skipped, Ordering::Relaxed);
+                    tracing::error!(first, last, skipped, %damage, "skipping a damaged segment of the buffer");
+                    continue;
+                }
+            };
+            let skip = from.saturating_sub(first) as usize;
+            for (seq, encoded) in (first..=last.min(durable)).zip(records).skip(skip) {
+                if !out.is_empty()
+                    && (out.len() >= max_records || bytes + encoded.len() > max_bytes)
+                {
+                    break 'segments;
+                }
+                match segment::decode(encoded, seq) {
+                    Ok(record) => {
+                        bytes += encoded.len();
+                        out.push(record);
+                    }
+                    Err(e) => {
+                        self.inner
+                            .counters
+                            .corrupt_skipped
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(seq, error = %e, "skipping undecodable record in the buffer");
+                    }
                 }
             }
         }

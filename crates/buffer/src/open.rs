@@ -3,10 +3,8 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use edgefleet_proto::Record;
-use prost::Message;
-
 use crate::keys::{self, u64_value};
+use crate::segment;
 use crate::{BufferError, BufferOptions, DeadLetter, Levels};
 
 /// What [`crate::Buffer::open`] found.
@@ -192,7 +190,9 @@ fn try_open(dir: &Path) -> Result<(sled::Db, Levels, bool), OpenFailure> {
         }
         return init_fresh(dir, db);
     };
-    if format != keys::FORMAT_VERSION {
+    if format == keys::FORMAT_V1 {
+        migrate_v1(dir, &db)?;
+    } else if format != keys::FORMAT_VERSION {
         return Err(OpenFailure::Corrupt(format!(
             "unknown buffer format {format} (this agent writes {})",
             keys::FORMAT_VERSION
@@ -213,9 +213,10 @@ fn try_open(dir: &Path) -> Result<(sled::Db, Levels, bool), OpenFailure> {
     let anchored = need(keys::META_ANCHORED)? == 1;
     let acked_through = meta(keys::META_ACKED)?.unwrap_or(0);
 
-    // Cheap consistency checks: the first and last records decode and agree
-    // with the bookkeeping. A full scan would make start-up O(buffer).
-    let mut range = db.range(keys::records_start()..=keys::records_end());
+    // Cheap consistency checks: the first and last segments are intact,
+    // their first records decode, and they agree with the bookkeeping. A full
+    // scan would make start-up O(buffer).
+    let mut range = db.range(keys::records_start()..keys::records_end());
     let first = range.next().transpose().map_err(|e| classify(dir, e))?;
     let last = range
         .next_back()
@@ -225,20 +226,23 @@ fn try_open(dir: &Path) -> Result<(sled::Db, Levels, bool), OpenFailure> {
     let mut first_seq = 0;
     let mut last_seq = next_seq.saturating_sub(1);
     if let (Some((first_key, first_value)), Some((last_key, last_value))) = (&first, &last) {
-        for (key, value) in [(first_key, first_value), (last_key, last_value)] {
-            let seq = keys::seq_of(key)
-                .ok_or_else(|| OpenFailure::Corrupt("a record key is damaged".into()))?;
-            let record = Record::decode(value.as_ref())
-                .map_err(|e| OpenFailure::Corrupt(format!("record {seq} does not decode: {e}")))?;
-            if record.seq != seq {
-                return Err(OpenFailure::Corrupt(format!(
-                    "record under key {seq} says it is {}",
-                    record.seq
-                )));
-            }
+        let mut spans = [(0, 0); 2];
+        for (i, (key, value)) in [(first_key, first_value), (last_key, last_value)]
+            .into_iter()
+            .enumerate()
+        {
+            let (first, last) = keys::span_of(key)
+                .ok_or_else(|| OpenFailure::Corrupt("a segment key is damaged".into()))?;
+            let records = segment::records(value, last - first + 1).map_err(|damage| {
+                OpenFailure::Corrupt(format!("segment {first}..={last}: {damage}"))
+            })?;
+            segment::decode(records[0], first).map_err(|e| {
+                OpenFailure::Corrupt(format!("record {first} does not decode: {e}"))
+            })?;
+            spans[i] = (first, last);
         }
-        first_seq = keys::seq_of(first_key).unwrap_or(0);
-        last_seq = keys::seq_of(last_key).unwrap_or(0);
+        first_seq = spans[0].0.max(acked_through + 1);
+        last_seq = spans[1].1;
         if last_seq >= next_seq {
             return Err(OpenFailure::Corrupt(format!(
                 "record {last_seq} is beyond the next sequence number {next_seq}"
@@ -297,4 +301,81 @@ pub(crate) fn read_dead_letters(db: &sled::Db) -> Result<Vec<DeadLetter>, sled::
         }
     }
     Ok(out)
+}
+
+/// Converts a format 1 buffer (one key per record) into segments, in bounded
+/// steps. Each step is one atomic batch that replaces some format 1 records
+/// by segments holding the same bytes and corrects the byte count; format 1
+/// and format 2 keys differ in length, so a buffer interrupted between steps
+/// (SIGKILL, power loss) is simply migrated further on the next start. The
+/// format marker changes only in the last step, when no format 1 key is
+/// left. Records, sequence numbers and every other entry stay as they are.
+fn migrate_v1(dir: &Path, db: &sled::Db) -> Result<(), OpenFailure> {
+    const STEP_RECORDS: usize = 4096;
+    const STEP_BYTES: usize = 4 << 20;
+    let mut migrated = 0u64;
+    let mut value = Vec::new();
+    loop {
+        let bytes = db
+            .get(keys::META_BYTES)
+            .map_err(|e| classify(dir, e))?
+            .and_then(|v| u64_value(&v))
+            .unwrap_or(0);
+        let mut batch = sled::Batch::default();
+        let (mut old_bytes, mut new_bytes) = (0u64, 0u64);
+        // The current run of consecutive records, which becomes a segment.
+        let mut run: Option<(u64, u64)> = None;
+        let mut seal =
+            |run: &mut Option<(u64, u64)>, value: &mut Vec<u8>, batch: &mut sled::Batch| {
+                if let Some((first, last)) = run.take() {
+                    segment::finish(value);
+                    batch.insert(&keys::segment(first, last), value.as_slice());
+                    new_bytes += value.len() as u64;
+                }
+            };
+        let mut step_records = 0usize;
+        let mut done = true;
+        for item in db.range(keys::records_start()..keys::records_end()) {
+            let (key, record) = item.map_err(|e| classify(dir, e))?;
+            let Some(seq) = keys::v1_seq_of(&key) else {
+                // Already a segment (an interrupted migration).
+                continue;
+            };
+            if step_records >= STEP_RECORDS || old_bytes >= STEP_BYTES as u64 {
+                done = false;
+                break;
+            }
+            match run {
+                Some((_, last)) if last + 1 == seq => {}
+                _ => {
+                    seal(&mut run, &mut value, &mut batch);
+                    segment::start(&mut value);
+                    run = Some((seq, seq));
+                }
+            }
+            // The record is kept as it was stored, `seq` included: reading
+            // sets it from the position, to the same number.
+            segment::push_encoded(&mut value, &record);
+            run = run.map(|(first, _)| (first, seq));
+            batch.remove(key);
+            old_bytes += record.len() as u64;
+            step_records += 1;
+        }
+        seal(&mut run, &mut value, &mut batch);
+        let bytes = (bytes + new_bytes).saturating_sub(old_bytes);
+        batch.insert(keys::META_BYTES, &bytes.to_be_bytes());
+        if done {
+            batch.insert(keys::META_FORMAT, &keys::FORMAT_VERSION.to_be_bytes());
+        }
+        db.apply_batch(batch).map_err(|e| classify(dir, e))?;
+        migrated += step_records as u64;
+        if done {
+            db.flush().map_err(|e| classify(dir, e))?;
+            tracing::info!(
+                records = migrated,
+                "migrated the buffer from one key per record (format 1) to segments (format 2)"
+            );
+            return Ok(());
+        }
+    }
 }

@@ -256,13 +256,363 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+// ---- Segments: one sled value per group commit ----
+
+fn seqs(records: &[Record]) -> Vec<u64> {
+    records.iter().map(|r| r.seq).collect()
+}
+
+#[tokio::test]
+async fn a_partly_acked_segment_stays_until_its_last_record_is_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    // Sequential appends are separate groups: segments 1..=10 and 11..=20.
+    buffer
+        .append((0..10).map(|i| record("d", &[i])).collect())
+        .await
+        .unwrap();
+    let first_segment = buffer.stats().bytes;
+    buffer
+        .append((10..20).map(|i| record("d", &[i])).collect())
+        .await
+        .unwrap();
+    let both = buffer.stats().bytes;
+    assert!(both > first_segment && first_segment > 0);
+
+    // Within the first segment: records drop, bytes stay (the segment stays).
+    buffer.ack(4).await.unwrap();
+    let stats = buffer.stats();
+    assert_eq!((stats.records, stats.first_seq, stats.bytes), (16, 5, both));
+    // Acked records are never read, though their segment is still there.
+    assert_eq!(seqs(&buffer.read_from(1, 100, usize::MAX).unwrap())[0], 5);
+
+    // Across both: the first segment goes, the second stays.
+    buffer.ack(15).await.unwrap();
+    let stats = buffer.stats();
+    assert_eq!(
+        (stats.records, stats.first_seq, stats.bytes),
+        (5, 16, both - first_segment)
+    );
+    buffer.close().await.unwrap();
+    drop(buffer);
+
+    let (buffer, report) = Buffer::open(options(dir.path())).unwrap();
+    assert_eq!(report.resumed_records, 5, "{report:?}");
+    let stats = buffer.stats();
+    assert_eq!(
+        (stats.first_seq, stats.acked_through, stats.bytes),
+        (16, 15, both - first_segment)
+    );
+    let read = buffer.read_from(16, 100, usize::MAX).unwrap();
+    assert_eq!(seqs(&read), (16..=20).collect::<Vec<_>>());
+    assert_eq!(read[0].value, record("d", &[15]).record.value);
+    // Acking the same range again changes nothing.
+    buffer.ack(15).await.unwrap();
+    assert_eq!(buffer.stats().records, 5);
+    buffer.ack(20).await.unwrap();
+    let stats = buffer.stats();
+    assert_eq!((stats.records, stats.bytes, stats.first_seq), (0, 0, 0));
+    assert!(buffer.read_from(1, 100, usize::MAX).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn reads_start_in_the_middle_of_a_segment_and_keep_the_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    buffer
+        .append((0..20).map(|i| record("d", &[i; 10])).collect())
+        .await
+        .unwrap();
+    buffer
+        .append((20..30).map(|i| record("d", &[i; 10])).collect())
+        .await
+        .unwrap();
+    let read = buffer.read_from(7, 5, usize::MAX).unwrap();
+    assert_eq!(seqs(&read), [7, 8, 9, 10, 11]);
+    assert_eq!(read[0].value, record("d", &[6; 10]).record.value);
+    // Running from one segment into the next.
+    let read = buffer.read_from(18, 100, usize::MAX).unwrap();
+    assert_eq!(seqs(&read), (18..=30).collect::<Vec<_>>());
+    assert_eq!(read[3].value, record("d", &[20; 10]).record.value);
+    // At least one record, however small the byte limit.
+    assert_eq!(seqs(&buffer.read_from(21, 100, 1).unwrap()), [21]);
+    let one = buffer.read_from(21, 1, usize::MAX).unwrap()[0].clone();
+    let size = prost::Message::encoded_len(&Record { seq: 0, ..one });
+    assert_eq!(
+        seqs(&buffer.read_from(21, 100, 3 * size).unwrap()),
+        [21, 22, 23]
+    );
+    assert_eq!(seqs(&buffer.read_from(0, 2, usize::MAX).unwrap()), [1, 2]);
+    assert!(buffer.read_from(31, 100, usize::MAX).unwrap().is_empty());
+    buffer.ack(12).await.unwrap();
+    assert_eq!(
+        seqs(&buffer.read_from(13, 2, usize::MAX).unwrap()),
+        [13, 14]
+    );
+    assert_eq!(seqs(&buffer.read_from(3, 2, usize::MAX).unwrap()), [13, 14]);
+}
+
+#[tokio::test]
+async fn drop_oldest_drops_whole_unsent_segments_and_counts_them_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.max_bytes = 64 * 1024;
+    opts.when_full = FullPolicy::DropOldest;
+    let (buffer, _) = Buffer::open(opts.clone()).unwrap();
+    let payload = vec![7u8; 1000];
+    let mut appended = 0u64;
+    for _ in 0..2 {
+        buffer
+            .append((0..10).map(|_| record("d", &payload)).collect())
+            .await
+            .unwrap();
+        appended += 10;
+    }
+    // 1..=15 may have been sent: segment 11..=20 straddles the reservation.
+    buffer.before_send(15).await.unwrap();
+    for _ in 0..30 {
+        let outcomes = buffer
+            .append((0..10).map(|_| record("d", &payload)).collect())
+            .await
+            .unwrap();
+        assert_eq!(stored(&outcomes).len(), 10, "{outcomes:?}");
+        appended += 10;
+    }
+    let stats = buffer.stats();
+    assert!(stats.bytes <= 64 * 1024, "{stats:?}");
+    assert_eq!(
+        stats.records + stats.dropped_full_total,
+        appended,
+        "{stats:?}"
+    );
+    assert!(stats.dropped_full_total >= 200, "{stats:?}");
+    // Whole segments of ten went.
+    assert_eq!(stats.dropped_full_total % 10, 0);
+    let kept = seqs(&buffer.read_from(1, 10_000, usize::MAX).unwrap());
+    assert_eq!(kept.len() as u64, stats.records);
+    // Possibly sent records are all there, and the straddling segment whole.
+    assert_eq!(&kept[..20], &(1..=20).collect::<Vec<_>>()[..]);
+    assert_eq!(*kept.last().unwrap(), appended);
+    // What is kept after them is the newest, contiguous.
+    let tail = &kept[20..];
+    assert_eq!(
+        tail,
+        &(appended - tail.len() as u64 + 1..=appended).collect::<Vec<_>>()[..]
+    );
+
+    // Acks after drops count nothing twice, and the levels survive a reopen.
+    buffer.ack(20).await.unwrap();
+    let after_ack = buffer.stats();
+    assert_eq!(after_ack.records, stats.records - 20);
+    buffer.close().await.unwrap();
+    drop(buffer);
+    let (buffer, report) = Buffer::open(opts).unwrap();
+    assert_eq!(report.resumed_records, after_ack.records);
+    assert_eq!(buffer.stats().bytes, after_ack.bytes);
+    buffer.ack(appended).await.unwrap();
+    let stats = buffer.stats();
+    assert_eq!((stats.records, stats.bytes), (0, 0));
+}
+
+#[tokio::test]
+async fn an_anchor_renumbers_every_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    for s in 0..3u8 {
+        buffer
+            .append((0..3).map(|i| record("d", &[s, i])).collect())
+            .await
+            .unwrap();
+    }
+    let bytes = buffer.stats().bytes;
+    assert_eq!(
+        buffer.anchor(100).await.unwrap(),
+        AnchorOutcome::Shifted(100)
+    );
+    let read = buffer.read_from(101, 100, usize::MAX).unwrap();
+    assert_eq!(seqs(&read), (101..=109).collect::<Vec<_>>());
+    assert_eq!(read[4].value, record("d", &[1, 1]).record.value);
+    assert_eq!(buffer.stats().bytes, bytes);
+    // Partly ack the middle segment, then the ingest claims more than was
+    // ever issued: renumber again, from the first unacked record.
+    buffer.before_send(105).await.unwrap();
+    buffer.ack(105).await.unwrap();
+    assert_eq!(buffer.stats().records, 4);
+    assert_eq!(
+        buffer.anchor(1000).await.unwrap(),
+        AnchorOutcome::Shifted(1001 - 106)
+    );
+    let stats = buffer.stats();
+    assert_eq!(
+        (stats.records, stats.first_seq, stats.next_seq),
+        (4, 1001, 1005)
+    );
+    let read = buffer.read_from(1001, 100, usize::MAX).unwrap();
+    assert_eq!(seqs(&read), [1001, 1002, 1003, 1004]);
+    assert_eq!(read[0].value, record("d", &[1, 2]).record.value);
+    buffer.close().await.unwrap();
+    drop(buffer);
+    let (buffer, report) = Buffer::open(options(dir.path())).unwrap();
+    assert_eq!(report.resumed_records, 4);
+    assert_eq!(
+        seqs(&buffer.read_from(1001, 100, usize::MAX).unwrap()),
+        [1001, 1002, 1003, 1004]
+    );
+    buffer.ack(1004).await.unwrap();
+    assert_eq!((buffer.stats().records, buffer.stats().bytes), (0, 0));
+}
+
+#[tokio::test]
+async fn a_damaged_segment_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+        for s in 0..3u8 {
+            buffer
+                .append((0..5).map(|i| record("d", &[s, i])).collect())
+                .await
+                .unwrap();
+        }
+        buffer.close().await.unwrap();
+    }
+    {
+        // Flip one byte inside the middle segment (records 6..=10).
+        let db = sled::open(dir.path().join("buffer")).unwrap();
+        let segments: Vec<_> = db.scan_prefix(b"r").map(|item| item.unwrap()).collect();
+        assert_eq!(segments.len(), 3, "one value per group commit");
+        let (key, value) = &segments[1];
+        let mut damaged = value.to_vec();
+        let at = damaged.len() - 3;
+        damaged[at] ^= 0x40;
+        db.insert(key, damaged).unwrap();
+        db.flush().unwrap();
+    }
+    let (buffer, report) = Buffer::open(options(dir.path())).unwrap();
+    assert!(report.quarantined.is_none());
+    let read = buffer.read_from(1, 100, usize::MAX).unwrap();
+    assert_eq!(seqs(&read), [1, 2, 3, 4, 5, 11, 12, 13, 14, 15]);
+    assert_eq!(buffer.stats().corrupt_skipped_total, 5);
+    // Starting inside it skips only what was asked for.
+    let read = buffer.read_from(9, 100, usize::MAX).unwrap();
+    assert_eq!(seqs(&read)[0], 11);
+    assert_eq!(buffer.stats().corrupt_skipped_total, 7);
+    // It is still deleted by the ack that covers it.
+    buffer.ack(15).await.unwrap();
+    assert_eq!((buffer.stats().records, buffer.stats().bytes), (0, 0));
+}
+
+/// Writes a buffer the way format 1 did: one key per record, `r` + seq.
+fn write_v1_buffer(data_dir: &std::path::Path, records: &[Record], acked: u64) -> u64 {
+    use prost::Message;
+    let db = sled::open(data_dir.join("buffer")).unwrap();
+    let mut batch = sled::Batch::default();
+    let mut bytes = 0u64;
+    for r in records {
+        let mut key = vec![b'r'];
+        key.extend_from_slice(&r.seq.to_be_bytes());
+        let value = r.encode_to_vec();
+        bytes += value.len() as u64;
+        batch.insert(key, value);
+    }
+    let next_seq = records.last().map(|r| r.seq + 1).unwrap_or(1);
+    for (key, value) in [
+        (&b"m/format"[..], 1u64),
+        (b"m/next_seq", next_seq),
+        (b"m/records", records.len() as u64),
+        (b"m/bytes", bytes),
+        (b"m/epoch", 77),
+        (b"m/anchored", 1),
+        (b"m/acked_through", acked),
+        (b"m/sent_reserved", acked),
+    ] {
+        batch.insert(key, &value.to_be_bytes());
+    }
+    batch.insert(&b"qmqtt/1"[..], &[9u8; 16]);
+    db.apply_batch(batch).unwrap();
+    db.flush().unwrap();
+    bytes
+}
+
+#[tokio::test]
+async fn a_format_1_buffer_is_migrated_without_losing_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    // More records than one migration step, with gaps (drops in format 1).
+    let records: Vec<Record> = (41..=9001u64)
+        .filter(|seq| seq % 1000 != 0 && !(5000..5100).contains(seq))
+        .map(|seq| {
+            let mut r = record(&format!("dev-{}", seq % 13), &seq.to_be_bytes()).record;
+            r.seq = seq;
+            r.timestamp_ns = seq as i64;
+            r
+        })
+        .collect();
+    write_v1_buffer(dir.path(), &records, 40);
+
+    let (buffer, report) = Buffer::open(options(dir.path())).unwrap();
+    assert!(report.quarantined.is_none() && !report.created);
+    assert_eq!(report.resumed_records, records.len() as u64);
+    let stats = buffer.stats();
+    assert_eq!(
+        (
+            stats.first_seq,
+            stats.next_seq,
+            stats.durable_through,
+            stats.epoch
+        ),
+        (41, 9002, 9001, 77)
+    );
+    assert!(stats.anchored);
+    let mut read = Vec::new();
+    let mut cursor = 1;
+    loop {
+        let batch = buffer.read_from(cursor, 777, usize::MAX).unwrap();
+        let Some(last) = batch.last() else { break };
+        cursor = last.seq + 1;
+        read.extend(batch);
+    }
+    assert_eq!(read, records);
+    assert_eq!(buffer.stats().corrupt_skipped_total, 0);
+    // The dedupe memory came along.
+    let redelivered = buffer
+        .append(vec![Incoming {
+            dedupe: Some(DedupeKey {
+                key: b"mqtt/1".to_vec(),
+                fingerprint: [9; 16],
+                redelivery: true,
+            }),
+            ..record("d", b"again")
+        }])
+        .await
+        .unwrap();
+    assert_eq!(redelivered, [Outcome::Duplicate]);
+    let outcomes = buffer.append(vec![record("d", b"new")]).await.unwrap();
+    assert_eq!(outcomes, [Outcome::Stored(9002)]);
+    // Levels are exact after the migration: acking everything empties it.
+    buffer.ack(4500).await.unwrap();
+    assert_eq!(
+        buffer.stats().records,
+        records.iter().filter(|r| r.seq > 4500).count() as u64 + 1
+    );
+    buffer.close().await.unwrap();
+    drop(buffer);
+    let (buffer, report) = Buffer::open(options(dir.path())).unwrap();
+    assert!(report.quarantined.is_none());
+    assert_eq!(buffer.read_from(4501, 1, usize::MAX).unwrap()[0].seq, 4501);
+    buffer.ack(9002).await.unwrap();
+    assert_eq!((buffer.stats().records, buffer.stats().bytes), (0, 0));
+}
+
 #[tokio::test]
 async fn a_buffer_locked_by_another_instance_is_not_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     buffer.append(vec![record("d", b"x")]).await.unwrap();
     let second = Buffer::open(options(dir.path()));
-    assert!(second.is_err(), "the lock is held: {:?}", second.map(|(_, r)| r));
+    assert!(
+        second.is_err(),
+        "the lock is held: {:?}",
+        second.map(|(_, r)| r)
+    );
     assert!(!dir.path().join("quarantine").exists());
     assert_eq!(buffer.read_from(1, 10, usize::MAX).unwrap().len(), 1);
 }

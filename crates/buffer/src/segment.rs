@@ -1,0 +1,112 @@
+//! The value of a segment: the records of one group commit.
+//!
+//! ```text
+//! [tag = 1] [crc32 of the body, u32 LE] [body: (varint length, Record)*]
+//! ```
+//!
+//! Records are stored length-delimited, one after the other. A record's
+//! sequence number is its position: the segment key's first sequence number
+//! plus its index. New records are stored with `seq` unset (0), which keeps
+//! them smaller and lets an anchor renumber a segment by moving it to a new
+//! key without touching the value; records migrated from format 1 carry their
+//! old `seq`, which is overwritten on reading like any other.
+//!
+//! The checksum: sequence numbers are implicit, so a damaged length prefix
+//! would shift every later record onto the wrong number, or a flipped bit
+//! would decode into a plausible, wrong record; the CRC (crc32fast, already
+//! linked through sled) turns both into a detected, skipped segment.
+
+use edgefleet_proto::Record;
+use prost::bytes::Buf;
+use prost::Message;
+
+pub const TAG: u8 = 1;
+pub const HEADER_LEN: usize = 5;
+
+/// What a damaged segment looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Damage {
+    Header,
+    Checksum,
+    /// The lengths do not add up to the number of records the key names.
+    Framing,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Damage::Header => "bad segment header",
+            Damage::Checksum => "segment checksum mismatch",
+            Damage::Framing => "segment record framing does not match its key",
+        })
+    }
+}
+
+/// Starts a segment in `buf` (kept across commits to reuse its allocation).
+pub fn start(buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&[TAG, 0, 0, 0, 0]);
+}
+
+/// Bytes a record of `encoded_len` takes in a segment.
+pub fn stored_len(encoded_len: usize) -> usize {
+    prost::encoding::encoded_len_varint(encoded_len as u64) + encoded_len
+}
+
+/// Appends a record; returns the bytes it took.
+pub fn push(buf: &mut Vec<u8>, record: &Record) -> usize {
+    let before = buf.len();
+    record
+        .encode_length_delimited(buf)
+        .expect("a Vec grows as needed");
+    buf.len() - before
+}
+
+/// Appends an already encoded record; returns the bytes it took.
+pub fn push_encoded(buf: &mut Vec<u8>, encoded: &[u8]) -> usize {
+    let before = buf.len();
+    prost::encoding::encode_varint(encoded.len() as u64, buf);
+    buf.extend_from_slice(encoded);
+    buf.len() - before
+}
+
+/// Seals a segment started with [`start`]: fills in the checksum.
+pub fn finish(buf: &mut [u8]) {
+    let crc = crc32fast::hash(&buf[HEADER_LEN..]);
+    buf[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Checks a segment that should hold `count` records and returns them, still
+/// encoded, in order.
+pub fn records(value: &[u8], count: u64) -> Result<Vec<&[u8]>, Damage> {
+    if value.len() < HEADER_LEN || value[0] != TAG {
+        return Err(Damage::Header);
+    }
+    let crc = u32::from_le_bytes(value[1..HEADER_LEN].try_into().expect("4 bytes"));
+    let body = &value[HEADER_LEN..];
+    if crc32fast::hash(body) != crc {
+        return Err(Damage::Checksum);
+    }
+    let mut out = Vec::with_capacity(count.min(1 << 16) as usize);
+    let mut rest = body;
+    while rest.has_remaining() {
+        let len = prost::encoding::decode_varint(&mut rest).map_err(|_| Damage::Framing)?;
+        if len > rest.len() as u64 {
+            return Err(Damage::Framing);
+        }
+        let (record, tail) = rest.split_at(len as usize);
+        out.push(record);
+        rest = tail;
+    }
+    if out.len() as u64 != count {
+        return Err(Damage::Framing);
+    }
+    Ok(out)
+}
+
+/// Decodes one record of a segment, numbering it.
+pub fn decode(encoded: &[u8], seq: u64) -> Result<Record, prost::DecodeError> {
+    let mut record = Record::decode(encoded)?;
+    record.seq = seq;
+    Ok(record)
+}
