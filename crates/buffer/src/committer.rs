@@ -80,6 +80,98 @@ pub(crate) struct Committer {
     stalled: Option<Op>,
     /// The segment of the current group, reused across groups.
     segment: Vec<u8>,
+    /// The last fingerprint per dedupe key, as committed ([`DedupeLog`]).
+    dedupe: HashMap<Vec<u8>, [u8; 16]>,
+    dedupe_log: DedupeLog,
+}
+
+/// Where the dedupe memory is stored: each group's updates as one value
+/// `j` + n, replayed in order at start. When the log has grown well past the
+/// number of keys, one group writes the whole memory as a new entry and
+/// deletes the older ones (a snapshot), so the log stays proportional to
+/// the keys. Format 1 kept one `q` key per dedupe key; those are read at
+/// start and removed by the first snapshot.
+#[derive(Debug, Default)]
+struct DedupeLog {
+    /// Lowest entry number on disk.
+    first: u64,
+    next: u64,
+    /// Updates in the entries on disk.
+    updates: u64,
+    /// Format 1 `q` entries are still on disk.
+    legacy: bool,
+}
+
+/// A snapshot is written when the log holds more updates than this plus
+/// four times the number of keys.
+const DEDUPE_SNAPSHOT_MIN: u64 = 65_536;
+
+fn encode_dedupe<'a>(
+    out: &mut Vec<u8>,
+    entries: impl Iterator<Item = (&'a Vec<u8>, &'a [u8; 16])>,
+) -> u64 {
+    let mut n = 0;
+    for (key, fingerprint) in entries {
+        prost::encoding::encode_varint(key.len() as u64, out);
+        out.extend_from_slice(key);
+        out.extend_from_slice(fingerprint);
+        n += 1;
+    }
+    n
+}
+
+/// Replays one log entry into `into`; false if it is damaged (the intact
+/// part is kept).
+fn decode_dedupe(mut value: &[u8], into: &mut HashMap<Vec<u8>, [u8; 16]>) -> (u64, bool) {
+    let mut n = 0;
+    while !value.is_empty() {
+        let Ok(len) = prost::encoding::decode_varint(&mut value) else {
+            return (n, false);
+        };
+        let len = len as usize;
+        if value.len() < len.saturating_add(16) {
+            return (n, false);
+        }
+        let (key, rest) = value.split_at(len);
+        let (fingerprint, rest) = rest.split_at(16);
+        into.insert(key.to_vec(), fingerprint.try_into().expect("16 bytes"));
+        value = rest;
+        n += 1;
+    }
+    (n, true)
+}
+
+fn load_dedupe(tree: &sled::Db) -> (HashMap<Vec<u8>, [u8; 16]>, DedupeLog) {
+    let mut map = HashMap::new();
+    let mut log = DedupeLog {
+        first: 1,
+        next: 1,
+        ..DedupeLog::default()
+    };
+    for (key, value) in tree.scan_prefix([keys::DEDUPE]).flatten() {
+        if let Ok(fingerprint) = <[u8; 16]>::try_from(value.as_ref()) {
+            map.insert(key[1..].to_vec(), fingerprint);
+            log.legacy = true;
+        }
+    }
+    let mut first = None;
+    for (key, value) in tree.scan_prefix([keys::DEDUPE_LOG]).flatten() {
+        let Some(n) = keys::dedupe_log_number(&key) else {
+            continue;
+        };
+        first.get_or_insert(n);
+        log.next = n + 1;
+        let (updates, intact) = decode_dedupe(&value, &mut map);
+        log.updates += updates;
+        if !intact {
+            tracing::error!(
+                entry = n,
+                "a dedupe log entry is damaged; redeliveries of some messages may be stored twice"
+            );
+        }
+    }
+    log.first = first.unwrap_or(log.next);
+    (map, log)
 }
 
 #[derive(Default)]
@@ -118,6 +210,7 @@ impl Committer {
             .and_then(|v| keys::u64_value(&v))
             .unwrap_or(0);
         let dead_count = tree.scan_prefix([keys::DEAD]).count() as u64;
+        let (dedupe, dedupe_log) = load_dedupe(&tree);
         Self {
             tree,
             options,
@@ -129,6 +222,8 @@ impl Committer {
             dead_n: 0,
             stalled: None,
             segment: Vec::new(),
+            dedupe,
+            dedupe_log,
         }
     }
 
@@ -291,26 +386,16 @@ impl Committer {
         }
         let mut outcomes = Vec::with_capacity(records.len());
         for incoming in records {
-            if let Some(d) = &incoming.dedupe {
-                let key = keys::dedupe(&d.key);
-                let seen = match group.dedupe.get(&key) {
-                    Some(fp) => Some(*fp),
-                    None => self
-                        .tree
-                        .get(&key)
-                        .ok()
-                        .flatten()
-                        .and_then(|v| <[u8; 16]>::try_from(v.as_ref()).ok()),
-                };
-                if d.redelivery && seen == Some(d.fingerprint) {
+            let Incoming { record, dedupe } = incoming;
+            if let Some(d) = dedupe {
+                let seen = group.dedupe.get(&d.key).or_else(|| self.dedupe.get(&d.key));
+                if d.redelivery && seen == Some(&d.fingerprint) {
                     self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
                     outcomes.push(Outcome::Duplicate);
                     continue;
                 }
-                group.batch.insert(key.as_slice(), &d.fingerprint);
-                group.dedupe.insert(key, d.fingerprint);
+                group.dedupe.insert(d.key, d.fingerprint);
             }
-            let record = incoming.record;
             let header = if group.segment_records == 0 {
                 segment::HEADER_LEN as u64
             } else {
@@ -453,6 +538,39 @@ impl Committer {
                 self.dead_count += 1;
             }
         }
+        let dedupe_updates = std::mem::take(&mut group.dedupe);
+        let mut snapshot = false;
+        if !dedupe_updates.is_empty() {
+            let n = self.dedupe_log.next;
+            // Never reuse a number: a failed batch may still reach the disk.
+            self.dedupe_log.next += 1;
+            let mut value = Vec::new();
+            let new_keys = dedupe_updates
+                .keys()
+                .filter(|key| !self.dedupe.contains_key(*key))
+                .count();
+            let keys_after = (self.dedupe.len() + new_keys) as u64;
+            snapshot = self.dedupe_log.updates + dedupe_updates.len() as u64
+                > DEDUPE_SNAPSHOT_MIN + 4 * keys_after;
+            if snapshot {
+                let unchanged = self
+                    .dedupe
+                    .iter()
+                    .filter(|(key, _)| !dedupe_updates.contains_key(*key));
+                encode_dedupe(&mut value, unchanged.chain(dedupe_updates.iter()));
+                for old in self.dedupe_log.first..n {
+                    group.batch.remove(&keys::dedupe_log(old));
+                }
+                if self.dedupe_log.legacy {
+                    for (key, _) in self.tree.scan_prefix([keys::DEDUPE]).flatten() {
+                        group.batch.remove(key);
+                    }
+                }
+            } else {
+                encode_dedupe(&mut value, dedupe_updates.iter());
+            }
+            group.batch.insert(&keys::dedupe_log(n), value);
+        }
         let l = self.levels;
         group
             .batch
@@ -473,6 +591,20 @@ impl Committer {
         });
         match result {
             Ok(()) => {
+                // Only committed fingerprints count: a redelivery of a
+                // message whose record was not stored must be stored.
+                if !dedupe_updates.is_empty() {
+                    if snapshot {
+                        self.dedupe_log.first = self.dedupe_log.next - 1;
+                        self.dedupe_log.updates = 0;
+                        self.dedupe_log.legacy = false;
+                    }
+                    self.dedupe_log.updates += dedupe_updates.len() as u64;
+                    self.dedupe.extend(dedupe_updates);
+                    if snapshot {
+                        self.dedupe_log.updates = self.dedupe.len() as u64;
+                    }
+                }
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .appended

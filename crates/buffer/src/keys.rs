@@ -5,7 +5,8 @@
 //! |--------|------------------------------|--------------------------------|
 //! | `r`    | first seq + last seq (u64 BE)| a segment ([`crate::segment`]) |
 //! | `m`    | name                         | u64 BE / bytes (bookkeeping)   |
-//! | `q`    | dedupe key                   | 16-byte fingerprint            |
+//! | `q`    | dedupe key                   | 16-byte fingerprint (format 1) |
+//! | `j`    | entry number (u64 BE)        | dedupe updates of one group    |
 //! | `x`    | time (i64 BE) + n            | JSON `DeadLetter`              |
 //!
 //! A segment holds the records of one group commit, whose sequence numbers
@@ -16,6 +17,7 @@
 
 pub const RECORD: u8 = b'r';
 pub const DEDUPE: u8 = b'q';
+pub const DEDUPE_LOG: u8 = b'j';
 pub const DEAD: u8 = b'x';
 
 /// The key of the segment holding `first..=last`.
@@ -62,11 +64,16 @@ pub fn records_end() -> &'static [u8] {
     &[RECORD + 1]
 }
 
-pub fn dedupe(key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(key.len() + 1);
-    out.push(DEDUPE);
-    out.extend_from_slice(key);
-    out
+pub fn dedupe_log(n: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = DEDUPE_LOG;
+    key[1..].copy_from_slice(&n.to_be_bytes());
+    key
+}
+
+pub fn dedupe_log_number(key: &[u8]) -> Option<u64> {
+    (key.len() == 9 && key[0] == DEDUPE_LOG)
+        .then(|| u64::from_be_bytes(key[1..].try_into().unwrap()))
 }
 
 pub fn dead(time_ns: i64, n: u64) -> [u8; 17] {

@@ -616,3 +616,53 @@ async fn a_buffer_locked_by_another_instance_is_not_quarantined() {
     assert!(!dir.path().join("quarantine").exists());
     assert_eq!(buffer.read_from(1, 10, usize::MAX).unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = |i: u32, redelivery: bool| {
+        let mut incoming = record("d", &i.to_be_bytes());
+        incoming.dedupe = Some(DedupeKey {
+            // Keys 0..1000 until record 60,000, then keys 1000..2000.
+            key: format!("mqtt/{}", i % 1000 + if i < 60_000 { 0 } else { 1000 }).into_bytes(),
+            fingerprint: [i.to_be_bytes(); 4].concat().try_into().unwrap(),
+            redelivery,
+        });
+        incoming
+    };
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    // One group per append: 75 log entries, 75,000 updates of 2000 keys,
+    // more than a snapshot waits for.
+    for chunk in 0..75u32 {
+        let outcomes = buffer
+            .append(
+                (chunk * 1000..(chunk + 1) * 1000)
+                    .map(|i| keyed(i, false))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored(&outcomes).len(), 1000);
+    }
+    buffer.close().await.unwrap();
+    drop(buffer);
+    {
+        let db = sled::open(dir.path().join("buffer")).unwrap();
+        let entries = db.scan_prefix(b"j").count();
+        assert!(
+            entries <= 8,
+            "{entries} dedupe log entries after a snapshot"
+        );
+        assert_eq!(db.scan_prefix(b"q").count(), 0);
+    }
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    // The last fingerprint of a key, from before and after the snapshot.
+    for last in [59_000u32, 59_999, 74_000, 74_999] {
+        let again = buffer.append(vec![keyed(last, true)]).await.unwrap();
+        assert_eq!(again, [Outcome::Duplicate], "{last}");
+    }
+    // An older fingerprint of the same key is a new message.
+    let older = buffer.append(vec![keyed(58_999, true)]).await.unwrap();
+    assert_eq!(stored(&older).len(), 1);
+    assert_eq!(buffer.stats().duplicates_total, 4);
+}
