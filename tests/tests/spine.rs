@@ -16,6 +16,17 @@ fn agent_metric(o: &AgentOptions, name: &str, labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits until the store holds `published` records, then one second more so
+/// that any (wrong) late duplicate arrives before the records are counted.
+fn wait_all_stored(fleet: &Fleet, published: u64) {
+    assert!(
+        wait_until(DRAIN, || fleet.stored() >= published),
+        "stored {} of {published}",
+        fleet.stored()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+}
+
 /// Stops the ingest gracefully and reads back everything it stored.
 fn final_delivery(
     fleet: &mut Fleet,
@@ -86,13 +97,7 @@ fn sigkill_of_the_agent_under_load_loses_and_duplicates_nothing() {
     }
     assert!(kills >= 3, "the agent was killed {kills} times only");
     let published = publisher.wait(Duration::from_secs(120)).unwrap();
-    assert!(
-        wait_until(DRAIN, || fleet.stored() >= published),
-        "stored {} of {published}",
-        fleet.stored()
-    );
-    // Let any (wrong) late duplicates arrive before counting.
-    std::thread::sleep(Duration::from_secs(1));
+    wait_all_stored(&fleet, published);
     drop(proc);
     let d = final_delivery(&mut fleet, devices, messages, |_| false);
     assert_eq!(
@@ -131,12 +136,7 @@ fn gateways_of_one_site_share_its_certificate_and_its_subscriptions() {
     proc_a.kill9();
     proc_a = fleet.start_agent(&a).unwrap();
     let published = publisher.wait(Duration::from_secs(120)).unwrap();
-    assert!(
-        wait_until(DRAIN, || fleet.stored() >= published),
-        "stored {} of {published}",
-        fleet.stored()
-    );
-    std::thread::sleep(Duration::from_secs(1));
+    wait_all_stored(&fleet, published);
     let per_stream = http_get(fleet.ingest_metrics_port, "/stats").unwrap();
     let stats: serde_json::Value = serde_json::from_str(&per_stream).unwrap();
     let stored_by = |stream: &str| stats["agents"][stream]["records"].as_u64().unwrap_or(0);
