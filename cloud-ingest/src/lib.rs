@@ -15,6 +15,7 @@ pub mod admin;
 pub mod committer;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod query;
 pub mod server;

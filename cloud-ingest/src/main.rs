@@ -266,6 +266,17 @@ async fn run(command: Command) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    // One descriptor per connected agent: a soft limit of 1024 would refuse
+    // agents long before memory or CPU run out.
+    match cloud_ingest::limits::raise_nofile_limit() {
+        Ok(l) => tracing::info!(
+            soft = l.soft,
+            hard = l.hard,
+            soft_before = l.soft_before,
+            "open-file limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let tls = if args.insecure_plaintext_dev_only {
         TlsMode::InsecurePlaintextDevOnly
     } else {
