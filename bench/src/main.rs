@@ -61,7 +61,7 @@ struct Args {
     /// Seconds of load per measured phase (default: 20, or 2 with --quick).
     #[arg(long)]
     seconds: Option<f64>,
-    /// Simulated agents in fan-in (default: 2000, or 20 with --quick).
+    /// Simulated agents in fan-in (default: 10,000, or 20 with --quick).
     #[arg(long)]
     agents: Option<usize>,
     /// Records in the drain backlog (default: 2,000,000, or 20,000 with --quick).
@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
     let ctx = Ctx {
         quick: args.quick,
         seconds: args.seconds.unwrap_or(if args.quick { 2.0 } else { 20.0 }),
-        agents: args.agents.unwrap_or(if args.quick { 20 } else { 2000 }),
+        agents: args.agents.unwrap_or(if args.quick { 20 } else { 10_000 }),
         backlog: args
             .backlog
             .unwrap_or(if args.quick { 20_000 } else { 2_000_000 }),
@@ -116,6 +116,14 @@ fn main() -> anyhow::Result<()> {
         workspace: workspace.clone(),
     };
     println!("machine: {}", ctx.machine.describe());
+    // fan-in holds the client side of every agent's connection in this process.
+    match cloud_ingest::limits::raise_nofile_limit() {
+        Ok(l) => println!(
+            "open-file limit: {} (was {}, hard {})",
+            l.soft, l.soft_before, l.hard
+        ),
+        Err(e) => eprintln!("cannot raise the open-file limit: {e}"),
+    }
     println!(
         "binaries: {} (build them first: cargo build --release -p edge-agent -p cloud-ingest)",
         edgefleet_tests::bin_dir().display()
