@@ -25,6 +25,7 @@ cases=(
   "shell in final stage|s|^USER 65532:65532$|RUN apt-get install -y curl\nUSER 65532:65532|"
   "missing binary|s|aarch64-unknown-linux-musl/cloud-ingest|aarch64-unknown-linux-musl/no-such-binary|"
   "wrong architecture|s|dist/aarch64-unknown-linux-musl/edge-agent|dist/x86_64-unknown-linux-musl/edge-agent|"
+  "gateway agent (no kubernetes feature) in the image|s|aarch64-unknown-linux-musl/edge-agent-kubernetes|aarch64-unknown-linux-musl/edge-agent|"
   "no buffer volume|/^VOLUME/d"
   "shell-form entrypoint|s|^ENTRYPOINT .*|ENTRYPOINT /usr/local/bin/edge-agent run|"
 )

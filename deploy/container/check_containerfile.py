@@ -5,7 +5,8 @@ container engine. Run through deploy/container/check.sh.
 It parses the file (continuation lines, comments, exec/JSON form, flags) and
 checks what a reviewer would: every COPY source from the build context is a
 binary cross/build.sh produced, for the architecture of the stage that copies
-it, and statically linked; the per-architecture stages exist for every
+it, and statically linked; the agent is the build with the kubernetes feature
+(the DaemonSet runs `run --pipeline`); the per-architecture stages exist for every
 platform we publish; the final stage runs as a numeric non-root user, has no
 RUN (it has no shell) and no package manager, keeps the buffer on a VOLUME,
 and starts the agent in exec form.
@@ -90,6 +91,27 @@ def expand(value, variables):
     return re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), m.group(0)), value)
 
 
+def image_name(words, source):
+    """The file name a COPY gives `source` in the image."""
+    destination = words[-1]
+    if len(words) == 2 and not destination.endswith("/"):
+        return os.path.basename(destination)
+    return os.path.basename(source)
+
+
+def has_pipeline(binary, arch):
+    """Whether the agent binary was built with the kubernetes feature. Both
+    builds parse --pipeline; without cluster configuration the kubernetes
+    build fails looking for one, the gateway build says it lacks Kubernetes
+    support. arm64 runs under qemu."""
+    runner = ["qemu-aarch64-static"] if arch == "arm64" else []
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    env.update(KUBECONFIG="/nonexistent", HOME="/nonexistent")
+    done = subprocess.run(runner + [binary, "run", "--pipeline", "probe", "--node-name", "probe"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    return "no Kubernetes client configuration" in done.stdout + done.stderr
+
+
 def main():
     if len(sys.argv) != 3:
         raise SystemExit("usage: check_containerfile.py CONTAINERFILE CONTEXT_DIR")
@@ -143,6 +165,9 @@ def main():
                     errors.append(f"line {ins.line}: binaries must be copied in a dist-<arch> stage, not {stage['name']!r}")
                 elif PLATFORMS[arch] not in desc:
                     errors.append(f"line {ins.line}: stage dist-{arch} copies {source}, which is {desc}")
+                elif image_name(words, source) == "edge-agent" and not has_pipeline(full, arch):
+                    errors.append(f"line {ins.line}: {source} has no `run --pipeline`: the image needs the agent "
+                                  "built with the kubernetes feature (edge-agent-kubernetes), the DaemonSet runs it")
     if copied == 0:
         errors.append("no COPY from the build context: where do the binaries come from?")
 
