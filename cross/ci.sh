@@ -14,8 +14,7 @@
 #   systemd        deploy/systemd/check.sh
 #
 # Named steps run in the order above, whatever order they are given in.
-# Honours CARGO_TARGET_DIR; EDGEFLEET_HARNESS_PACKAGES is passed on to
-# cross/test-aarch64.sh. Measured times: cross/README.md.
+# Honours CARGO_TARGET_DIR. Measured times: cross/README.md.
 set -euo pipefail
 # shellcheck source=cross/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"

@@ -15,9 +15,8 @@
 # Needs cross/setup.sh; integration needs cross/build.sh aarch64 first.
 # Honours CARGO_TARGET_DIR. TEST_THREADS (default 1): emulated code is
 # several times slower, so the tests do not compete for the cores.
-# EDGEFLEET_HARNESS_PACKAGES (default: edgefleet-tests): the packages cargo
-# selects when building the harness; scripts/test.sh passes the list its own
-# test step uses, so that the same feature resolution reuses its build.
+# The harness is built with --workspace, as scripts/test.sh builds it: the
+# same feature resolution, so after that script nothing is compiled again.
 set -euo pipefail
 # shellcheck source=cross/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -54,8 +53,6 @@ echo "host binaries: $((SECONDS - start)) s"
 step "integration tests: aarch64 edge-agent under qemu, x86_64 cloud-ingest and Mosquitto"
 echo "agent: $agent ($(file -b "$agent" | cut -d, -f1-2))"
 start=$SECONDS
-package_args=()
-for pkg in ${EDGEFLEET_HARNESS_PACKAGES:-edgefleet-tests}; do package_args+=(-p "$pkg"); done
 EDGEFLEET_AGENT_CMD="qemu-aarch64-static $agent" \
-  cargo test --locked "${package_args[@]}" --test spine -- --test-threads="$TEST_THREADS"
+  cargo test --locked --workspace --test spine -- --test-threads="$TEST_THREADS"
 echo "integration tests with the aarch64 agent: $((SECONDS - start)) s"
