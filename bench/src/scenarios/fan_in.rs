@@ -131,11 +131,14 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let rss_loaded = sys::rss(ingest.pid());
     let ingest_peak = sys::peak_rss(ingest.pid());
     stop.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let still_alive = alive.load(Ordering::Relaxed);
+    // An agent counts itself alive once its batch in flight is acknowledged,
+    // which under saturation takes seconds: read the count only after every
+    // agent has finished (bounded, so a hung stream cannot hang the harness).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for t in tasks {
-        let _ = t.await;
+        let _ = tokio::time::timeout_at(deadline, t).await;
     }
+    let still_alive = alive.load(Ordering::Relaxed);
     let samples = sampler.stop();
     let streams = streams.stop();
     let h = latency.lock().expect("histogram").clone();
