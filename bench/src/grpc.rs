@@ -7,12 +7,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use edgefleet_proto::telemetry_client::TelemetryClient;
-use edgefleet_proto::{
-    agent_message, ingest_message, record, AgentMessage, Hello, IngestMessage, Record, RecordBatch,
-};
+use edgefleet_proto::encoded::telemetry_client::TelemetryClient;
+use edgefleet_proto::encoded::{AgentFrame, AgentFrameKind, BatchBuilder};
+use edgefleet_proto::{ingest_message, record, Hello, IngestMessage, Record};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The record the MQTT source makes of [`crate::mqtt::payload`].
@@ -28,8 +28,13 @@ pub fn sample_record(device: u32, n: u64) -> Record {
     }
 }
 
+/// [`sample_record`] as the agent's buffer stores it (without `seq`).
+pub fn sample_encoded(device: u32, n: u64) -> Vec<u8> {
+    prost::Message::encode_to_vec(&sample_record(device, n))
+}
+
 pub struct AgentStream {
-    tx: mpsc::Sender<AgentMessage>,
+    tx: mpsc::Sender<AgentFrame>,
     inbound: tonic::Streaming<IngestMessage>,
     credit: usize,
     next_seq: u64,
@@ -65,9 +70,19 @@ impl AgentStream {
         let mut client = TelemetryClient::new(channel)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(64 << 20);
-        let (tx, rx) = mpsc::channel::<AgentMessage>(64);
-        tx.send(AgentMessage {
-            kind: Some(agent_message::Kind::Hello(Hello {
+        // Compressed as the agent's uplink compresses by default.
+        client = match edgefleet_config::Compression::default() {
+            edgefleet_config::Compression::Zstd => {
+                client.send_compressed(CompressionEncoding::Zstd)
+            }
+            edgefleet_config::Compression::Gzip => {
+                client.send_compressed(CompressionEncoding::Gzip)
+            }
+            edgefleet_config::Compression::None => client,
+        };
+        let (tx, rx) = mpsc::channel::<AgentFrame>(64);
+        tx.send(AgentFrame {
+            kind: Some(AgentFrameKind::Hello(Hello {
                 protocol_revision: edgefleet_proto::PROTOCOL_REVISION,
                 agent_id: agent_id.into(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -108,22 +123,19 @@ impl AgentStream {
         self.inflight.len()
     }
 
-    /// Sends `template`'s records as one batch with the next sequence numbers.
-    pub async fn send(&mut self, template: &[Record]) -> anyhow::Result<()> {
-        let records: Vec<Record> = template
-            .iter()
-            .enumerate()
-            .map(|(i, r)| Record {
-                seq: self.next_seq + i as u64,
-                ..r.clone()
-            })
-            .collect();
-        let count = records.len() as u64;
+    /// Sends `template`'s records (encoded without `seq`, as the agent's
+    /// buffer holds them) as one batch with the next sequence numbers,
+    /// numbered the way the agent's uplink numbers them.
+    pub async fn send(&mut self, template: &[Vec<u8>]) -> anyhow::Result<()> {
+        let bytes = template.iter().map(Vec::len).sum();
+        let mut batch = BatchBuilder::with_capacity(template.len(), bytes);
+        for (i, encoded) in template.iter().enumerate() {
+            batch.push(encoded, self.next_seq + i as u64);
+        }
+        let count = template.len() as u64;
         self.next_seq += count;
         self.tx
-            .send(AgentMessage {
-                kind: Some(agent_message::Kind::Batch(RecordBatch { records })),
-            })
+            .send(AgentFrame::new(AgentFrameKind::Batch(batch.finish())))
             .await
             .map_err(|_| anyhow::anyhow!("the stream closed"))?;
         self.inflight

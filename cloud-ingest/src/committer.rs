@@ -18,12 +18,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use edgefleet_proto::Record;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tracing::{debug, error};
 
 use crate::metrics::Metrics;
-use crate::sink::{AgentRecords, Sink};
+use crate::sink::{AgentRecords, EncodedRecord, Sink};
 
 /// Most batches in one group commit, and roughly the most bytes: bounds the
 /// latency a group adds for the streams at its end.
@@ -50,7 +49,7 @@ pub enum CommitError {
 /// One stream's batch on its way to the store.
 pub struct Submission {
     pub agent: Arc<str>,
-    pub records: Vec<Record>,
+    pub records: Vec<EncodedRecord>,
     /// Encoded size, for group sizing.
     pub bytes: usize,
     /// Set when one of this stream's batches fails: later batches of the
@@ -165,7 +164,7 @@ fn commit_group(sink: &dyn Sink, metrics: &Metrics, group: Vec<Submission>) {
         };
         let records = std::mem::take(&mut s.records);
         let total = records.len();
-        let fresh: Vec<Record> = records.into_iter().filter(|r| r.seq > h).collect();
+        let fresh: Vec<EncodedRecord> = records.into_iter().filter(|r| r.seq > h).collect();
         let outcome = CommitOutcome {
             stored: fresh.len() as u32,
             duplicates: (total - fresh.len()) as u32,
@@ -260,9 +259,9 @@ mod tests {
         let (done, rx) = oneshot::channel();
         let records = seqs
             .iter()
-            .map(|&seq| Record {
+            .map(|&seq| EncodedRecord {
                 seq,
-                ..Record::default()
+                encoded: Default::default(),
             })
             .collect();
         let s = Submission {

@@ -38,6 +38,7 @@ pub enum Reject {
     HelloTimeout,
     MessageTooLarge,
     BadSequence,
+    MalformedRecord,
     ProtocolViolation,
     IdleTimeout,
 }
@@ -65,6 +66,7 @@ impl Reject {
             Reject::HelloTimeout => "hello_timeout",
             Reject::MessageTooLarge => "message_too_large",
             Reject::BadSequence => "bad_sequence",
+            Reject::MalformedRecord => "malformed_record",
             Reject::ProtocolViolation => "protocol_violation",
             Reject::IdleTimeout => "idle_timeout",
         }

@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgefleet_proto::agent_message::Kind as In;
-use edgefleet_proto::ingest_message::Kind as Out;
-use edgefleet_proto::telemetry_server::Telemetry;
-use edgefleet_proto::{
-    Ack, AgentMessage, GoAway, Hello, HelloAck, IngestMessage, RecordBatch, PROTOCOL_REVISION,
+use edgefleet_proto::encoded::telemetry_server::Telemetry;
+use edgefleet_proto::encoded::{
+    check_record, AgentFrame as AgentMessage, AgentFrameKind as In, EncodedBatch,
 };
+use edgefleet_proto::ingest_message::Kind as Out;
+use edgefleet_proto::{Ack, GoAway, Hello, HelloAck, IngestMessage, PROTOCOL_REVISION};
 use tokio::sync::{mpsc, oneshot, OwnedMutexGuard, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::committer::{CommitError, CommitOutcome, Committer, Submission};
 use crate::metrics::{Metrics, Reject};
-use crate::sink::Sink;
+use crate::sink::{EncodedRecord, Sink};
 use crate::tls::AgentConnectInfo;
 
 /// How long the end of a session may spend delivering its last acks to an
@@ -483,11 +483,22 @@ impl Session {
     }
 
     /// Validates a batch, waits for budget, and queues it for commit.
-    async fn accept_batch(&mut self, batch: RecordBatch) -> Result<(), (Reject, Status)> {
-        let bytes = prost::Message::encoded_len(&batch);
+    async fn accept_batch(&mut self, batch: EncodedBatch) -> Result<(), (Reject, Status)> {
+        let bytes: usize = batch.records.iter().map(|r| r.len() + 4).sum();
         let mut previous = self.last_seen;
-        for record in &batch.records {
-            if record.seq == 0 {
+        let mut records = Vec::with_capacity(batch.records.len());
+        for (index, encoded) in batch.records.into_iter().enumerate() {
+            // Records are stored as they arrived, so each is checked here:
+            // what is stored always decodes when it is read back.
+            let seq = check_record(&encoded).map_err(|e| {
+                (
+                    Reject::MalformedRecord,
+                    Status::invalid_argument(format!(
+                        "record {index} of the batch (after seq {previous}) is malformed: {e}"
+                    )),
+                )
+            })?;
+            if seq == 0 {
                 return Err((
                     Reject::BadSequence,
                     Status::invalid_argument(
@@ -495,19 +506,19 @@ impl Session {
                     ),
                 ));
             }
-            if record.seq <= previous {
+            if seq <= previous {
                 return Err((
                     Reject::BadSequence,
                     Status::invalid_argument(format!(
-                        "record seq {} is not above {previous}: seqs must strictly increase within a batch and across the batches of a stream",
-                        record.seq
+                        "record seq {seq} is not above {previous}: seqs must strictly increase within a batch and across the batches of a stream"
                     )),
                 ));
             }
-            previous = record.seq;
+            previous = seq;
+            records.push(EncodedRecord { seq, encoded });
         }
         let (done_tx, done) = oneshot::channel();
-        let Some(last) = batch.records.last().map(|r| r.seq) else {
+        let Some(last) = records.last().map(|r| r.seq) else {
             // Nothing to store; acknowledge (in order) what is known stored.
             let _ = done_tx.send(Ok(CommitOutcome {
                 stored: 0,
@@ -539,7 +550,7 @@ impl Session {
             })?;
         self.shared.committer.submit(Submission {
             agent: self.agent.clone(),
-            records: batch.records,
+            records,
             bytes,
             failed: self.failed.clone(),
             permit: Some(permit),

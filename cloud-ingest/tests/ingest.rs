@@ -526,6 +526,70 @@ async fn streams_must_start_with_hello_in_time_and_keep_seqs_increasing() {
     server.stop().await;
 }
 
+/// Records are stored as they arrive, still encoded, so the ingest checks
+/// each one: a record that would not decode fails its stream, naming the
+/// record and the field, and nothing of its batch is stored.
+#[tokio::test]
+async fn a_malformed_record_fails_its_stream_naming_the_field() {
+    use edgefleet_proto::encoded::telemetry_client::TelemetryClient as EncodedClient;
+    use edgefleet_proto::encoded::{AgentFrame, AgentFrameKind, EncodedBatch};
+    use prost::Message;
+
+    let fx = Fixture::new();
+    let server = Server::start(fx.config()).await;
+    let identity = tonic::transport::Identity::from_pem(
+        std::fs::read(fx.pki.agent_cert("gw-1")).unwrap(),
+        std::fs::read(fx.pki.agent_key("gw-1")).unwrap(),
+    );
+    let channel = support::channel(&server.addrs, &fx.pki.ca_cert(), Some(identity))
+        .await
+        .unwrap();
+    let mut client = EncodedClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let In::Hello(hello) = support::hello("gw-1") else {
+        unreachable!()
+    };
+    tx.send(AgentFrame::new(AgentFrameKind::Hello(hello)))
+        .await
+        .unwrap();
+    let mut inbound = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(inbound.message().await.unwrap().is_some(), "HelloAck");
+
+    let good = support::record(1).encode_to_vec();
+    let mut bad = support::record(2).encode_to_vec();
+    // The device id ("dev-2", field 3) made invalid UTF-8.
+    let at = bad.windows(5).position(|w| w == b"dev-2").unwrap();
+    bad[at] = 0xFF;
+    tx.send(AgentFrame::new(AgentFrameKind::Batch(EncodedBatch {
+        records: vec![good.into(), bad.into()],
+    })))
+    .await
+    .unwrap();
+    let status = loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended cleanly"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains(
+            "record 1 of the batch (after seq 1) is malformed: Record.device_id: not valid UTF-8"
+        ),
+        "{status:?}"
+    );
+    server
+        .wait_metric("ingest_rejects_total{reason=\"malformed_record\"}", 1)
+        .await;
+    assert_eq!(server.stats().await.total_records, 0);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_silent_stream_is_closed_after_three_heartbeat_intervals() {
     let fx = Fixture::new();

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use edgefleet_buffer::{Buffer, BufferError};
 use edgefleet_config::{Compression, UplinkConfig};
 use edgefleet_pki::Principal;
-use edgefleet_proto::telemetry_client::TelemetryClient;
-use edgefleet_proto::{
-    agent_message, ingest_message, AgentMessage, Goodbye, Heartbeat, Hello, RecordBatch,
-};
+use edgefleet_proto::encoded::telemetry_client::TelemetryClient;
+use edgefleet_proto::encoded::{AgentFrame, AgentFrameKind};
+use edgefleet_proto::{ingest_message, Goodbye, Heartbeat, Hello};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -201,7 +200,7 @@ impl Uplink {
             Compression::None => client,
         };
 
-        let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+        let (tx, rx) = mpsc::channel::<AgentFrame>(64);
         let stats = self.buffer.stats();
         let hello = Hello {
             protocol_revision: edgefleet_proto::PROTOCOL_REVISION,
@@ -213,7 +212,7 @@ impl Uplink {
             first_unacked_seq: stats.first_seq,
             next_seq: stats.next_seq,
         };
-        send(&tx, agent_message::Kind::Hello(hello)).await?;
+        send(&tx, AgentFrameKind::Hello(hello)).await?;
         let response =
             tokio::time::timeout(connect_timeout, client.stream(ReceiverStream::new(rx)))
                 .await
@@ -283,7 +282,7 @@ impl Uplink {
                             return Ok(SessionEnd::GoAway(Duration::from_millis(go.retry_after_ms.into())));
                         }
                         Some(ingest_message::Kind::Command(_)) => {
-                            send(&tx, agent_message::Kind::Heartbeat(self.heartbeat())).await?;
+                            send(&tx, AgentFrameKind::Heartbeat(self.heartbeat())).await?;
                         }
                         other => return Err(UplinkError::Protocol(format!("unexpected {other:?}"))),
                     }
@@ -294,15 +293,19 @@ impl Uplink {
                     if (available as usize) < max_records && !linger.is_zero() {
                         tokio::time::sleep(linger).await;
                     }
-                    let records = self.buffer.read_from(cursor, max_records, max_bytes)?;
-                    let Some(last) = records.last().map(|r| r.seq) else {
+                    let Some((batch, last)) = self.buffer.read_batch(cursor, max_records, max_bytes)? else {
                         // Everything from the cursor was acked or dropped meanwhile.
                         cursor = self.buffer.stats().durable_through + 1;
                         continue;
                     };
+                    if batch.records.is_empty() {
+                        // Every record read was malformed and skipped (counted).
+                        cursor = last + 1;
+                        continue;
+                    }
                     self.buffer.before_send(last).await?;
-                    let count = records.len() as u64;
-                    send(&tx, agent_message::Kind::Batch(RecordBatch { records })).await?;
+                    let count = batch.records.len() as u64;
+                    send(&tx, AgentFrameKind::Batch(batch)).await?;
                     inflight.push_back((last, count, Instant::now()));
                     credit -= 1;
                     cursor = last + 1;
@@ -312,7 +315,7 @@ impl Uplink {
                     return Err(UplinkError::AckTimeout(ack_timeout));
                 }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(last_sent + heartbeat_every)) => {
-                    send(&tx, agent_message::Kind::Heartbeat(self.heartbeat())).await?;
+                    send(&tx, AgentFrameKind::Heartbeat(self.heartbeat())).await?;
                     last_sent = Instant::now();
                 }
             }
@@ -349,13 +352,13 @@ impl Uplink {
     /// flight, so a graceful shutdown does not leave records to resend.
     async fn say_goodbye(
         &self,
-        tx: &mpsc::Sender<AgentMessage>,
+        tx: &mpsc::Sender<AgentFrame>,
         inbound: &mut tonic::Streaming<edgefleet_proto::IngestMessage>,
         inflight: &mut VecDeque<(u64, u64, Instant)>,
     ) {
         let _ = send(
             tx,
-            agent_message::Kind::Goodbye(Goodbye {
+            AgentFrameKind::Goodbye(Goodbye {
                 reason: "agent shutting down".into(),
             }),
         )
@@ -384,11 +387,8 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn send(
-    tx: &mpsc::Sender<AgentMessage>,
-    kind: agent_message::Kind,
-) -> Result<(), UplinkError> {
-    tx.send(AgentMessage { kind: Some(kind) })
+async fn send(tx: &mpsc::Sender<AgentFrame>, kind: AgentFrameKind) -> Result<(), UplinkError> {
+    tx.send(AgentFrame::new(kind))
         .await
         .map_err(|_| UplinkError::Stream("the stream closed".into()))
 }

@@ -9,6 +9,8 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod encoded;
+
 /// The protocol revision this crate describes (`Hello.protocol_revision`).
 pub const PROTOCOL_REVISION: u32 = 1;
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::{histogram, mib, rate_series, start_ingest, Sampler};
-use crate::grpc::{sample_record, AgentStream};
+use crate::grpc::{sample_encoded, AgentStream};
 use crate::report::{ScenarioResult, Series};
 use crate::sys;
 use crate::Ctx;
@@ -33,7 +33,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let rss_before = sys::rss(ingest.pid());
 
     let template: Vec<_> = (0..RECORDS_PER_BATCH)
-        .map(|i| sample_record(i as u32, i))
+        .map(|i| sample_encoded(i as u32, i))
         .collect();
     let template = Arc::new(template);
     let connected = Arc::new(AtomicU64::new(0));

@@ -15,7 +15,7 @@ use edgefleet_buffer::{Buffer, BufferOptions, Incoming};
 use edgefleet_proto::Record;
 
 use super::{histogram, mib, rate_series, start_ingest, value_at, Sampler};
-use crate::grpc::{sample_record, AgentStream};
+use crate::grpc::{sample_encoded, sample_record, AgentStream};
 use crate::report::ScenarioResult;
 use crate::sys;
 use crate::Ctx;
@@ -43,6 +43,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         &["localhost".into(), "127.0.0.1".into()],
     )?;
     let templates = templates();
+    let encoded_templates: Vec<Vec<u8>> = (0..BATCH as u64)
+        .map(|i| sample_encoded((i % 100) as u32, i))
+        .collect();
     let payload_bytes: usize = (0..100u64)
         .map(|n| crate::mqtt::payload(n, 1, crate::mqtt::now_ns()).len())
         .sum::<usize>()
@@ -71,7 +74,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let mut ack_latency = histogram();
     while start.elapsed() < phase || stream.inflight() > 0 {
         if stream.can_send() && start.elapsed() < phase {
-            stream.send(&templates).await?;
+            stream.send(&encoded_templates).await?;
             continue;
         }
         for l in stream.next_ack().await? {

@@ -34,14 +34,14 @@ impl Sink for DiscardSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgefleet_proto::Record;
+    use crate::sink::EncodedRecord;
 
     #[test]
     fn keeps_high_water_marks_and_nothing_else() {
         let sink = DiscardSink::default();
-        let rec = |seq| Record {
+        let rec = |seq| EncodedRecord {
             seq,
-            ..Record::default()
+            encoded: Default::default(),
         };
         sink.commit(&[AgentRecords {
             agent: "a".into(),

@@ -6,15 +6,23 @@
 //!
 //! | key                                     | value                         |
 //! |-----------------------------------------|-------------------------------|
-//! | `R` agent 0x00 seq(u64 BE)              | the prost-encoded `Record`    |
-//! | `T` ingest_ns(u64 BE) agent 0x00 seq    | bytes the record accounts for (u64 BE) |
+//! | `B` agent 0x00 first_seq(u64 BE)        | a block: one agent's records of one commit |
+//! | `T` ingest_ns(u64 BE) agent 0x00 first_seq | bytes the block accounts for, records in it (u64 BE each) |
 //! | `H` agent                               | high-water mark (u64 BE)      |
 //! | `C` agent                               | records stored now (u64 BE)   |
 //! | `M` `bytes`                             | bytes of all stored records   |
+//! | `R` agent 0x00 seq(u64 BE)              | one encoded `Record` (stores written before blocks; read, never written) |
 //!
-//! Agent ids contain no 0x00 (see `edgefleet_pki::check_agent_id`), so `R`
+//! A block is [`BLOCK_FORMAT`] followed by `(varint length, encoded Record)*`,
+//! each record exactly as the agent sent it (with its `seq`). One sled value
+//! per agent per commit instead of two entries per record is what lets the
+//! store keep up with the network: sled copies a leaf on every insert, so
+//! its cost grows with the number of keys written, not their size.
+//!
+//! Agent ids contain no 0x00 (see `edgefleet_pki::check_agent_id`), so `B`
 //! keys sort by agent, then seq; `T` keys sort oldest ingest first, which is
-//! the order retention deletes in.
+//! the order retention deletes in (whole blocks; an old store's `T` entries
+//! have an 8-byte value and name one `R` record).
 //!
 //! Writers (commits and retention) take `write_lock`, which makes the
 //! read-modify-write of counters safe; sled's own lock keeps other processes out.
@@ -25,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use edgefleet_proto::encoded::check_record;
 use edgefleet_proto::Record;
 use prost::Message;
 
@@ -32,7 +41,9 @@ use super::{AgentRecords, Sink, SinkError};
 use crate::config::Retention;
 use crate::query::{AgentStats, Query, RecordSource, Stats};
 
-const RECORD: u8 = b'R';
+const BLOCK: u8 = b'B';
+const BLOCK_FORMAT: u8 = 1;
+const LEGACY_RECORD: u8 = b'R';
 const BY_TIME: u8 = b'T';
 const HIGH_WATER: u8 = b'H';
 const COUNT: u8 = b'C';
@@ -133,9 +144,29 @@ impl EmbeddedStore {
     /// just before its write and fsync.
     pub fn ingest_times(&self, mut emit: impl FnMut(u64, &str, u64)) -> Result<(), SinkError> {
         for entry in self.tree.scan_prefix([BY_TIME]) {
-            let (key, _) = entry.map_err(|e| self.io(e))?;
+            let (key, value) = entry.map_err(|e| self.io(e))?;
             let (ingest_ns, agent, seq) = self.parse_time_key(&key)?;
-            emit(ingest_ns as u64, agent, seq);
+            let ingest_ns = ingest_ns as u64;
+            if value.len() == 8 {
+                emit(ingest_ns, agent, seq);
+                continue;
+            }
+            let Some(block) = self
+                .tree
+                .get(agent_seq_key(BLOCK, agent, seq))
+                .map_err(|e| self.io(e))?
+            else {
+                continue;
+            };
+            for encoded in self.block_records(&block, agent, seq) {
+                let seq = check_record(encoded?).map_err(|e| {
+                    self.corrupt(
+                        format!("block agent={agent} first seq={seq}"),
+                        e.to_string(),
+                    )
+                })?;
+                emit(ingest_ns, agent, seq);
+            }
         }
         Ok(())
     }
@@ -146,7 +177,8 @@ impl EmbeddedStore {
     }
 
     /// Deletes the oldest records (by ingest time) that are older than
-    /// `retention.max_age` or that take the store over `retention.max_bytes`.
+    /// `retention.max_age` or that take the store over `retention.max_bytes`,
+    /// a whole block (one agent's records of one commit) at a time.
     pub fn enforce_retention(
         &self,
         retention: &Retention,
@@ -178,16 +210,25 @@ impl EmbeddedStore {
                     exhausted = false;
                     break;
                 }
-                let size = self.parse_u64(&value, || format!("time index of {agent}/{seq}"))?;
+                let what = || format!("time index of {agent}/{seq}");
+                let (size, records, data_key) = if value.len() == 8 {
+                    let size = self.parse_u64(&value, what)?;
+                    (size, 1, agent_seq_key(LEGACY_RECORD, agent, seq))
+                } else {
+                    let (size, records) = value.split_at(value.len().min(8));
+                    let size = self.parse_u64(size, what)?;
+                    let records = self.parse_u64(records, what)?;
+                    (size, records, agent_seq_key(BLOCK, agent, seq))
+                };
                 batch.remove(key.as_ref());
-                batch.remove(record_key(agent, seq));
+                batch.remove(data_key);
                 total = total.saturating_sub(size);
                 let count = match counts.entry(agent.to_string()) {
                     Entry::Occupied(e) => e.into_mut(),
                     Entry::Vacant(e) => e.insert(self.read_u64(&agent_key(COUNT, agent))?),
                 };
-                *count = count.saturating_sub(1);
-                report.deleted_records += 1;
+                *count = count.saturating_sub(records);
+                report.deleted_records += records;
                 report.deleted_bytes += size;
                 deleted += 1;
             }
@@ -207,6 +248,52 @@ impl EmbeddedStore {
             self.flush()?;
         }
         Ok(report)
+    }
+
+    /// The encoded records of the block `B agent first_seq`.
+    fn block_records<'v>(
+        &self,
+        value: &'v [u8],
+        agent: &str,
+        first_seq: u64,
+    ) -> impl Iterator<Item = Result<&'v [u8], SinkError>> + 'v {
+        let what = format!("block agent={agent} first seq={first_seq}");
+        let mut rest = value;
+        let mut failed = false;
+        let header = match value.first() {
+            Some(&BLOCK_FORMAT) => {
+                rest = &value[1..];
+                None
+            }
+            other => Some(self.corrupt(
+                what.clone(),
+                format!("unknown block format {other:?} (expected {BLOCK_FORMAT})"),
+            )),
+        };
+        let path = self.path.clone();
+        header
+            .map(Err)
+            .into_iter()
+            .chain(std::iter::from_fn(move || {
+                if failed || rest.is_empty() {
+                    return None;
+                }
+                let framing = |reason: &str| SinkError::Corrupt {
+                    path: path.clone(),
+                    what: what.clone(),
+                    reason: reason.to_string(),
+                };
+                let len = match prost::encoding::decode_varint(&mut rest) {
+                    Ok(len) if len <= rest.len() as u64 => len as usize,
+                    _ => {
+                        failed = true;
+                        return Some(Err(framing("record length runs past the end of the block")));
+                    }
+                };
+                let (record, tail) = rest.split_at(len);
+                rest = tail;
+                Some(Ok(record))
+            }))
     }
 
     fn read_u64(&self, key: &[u8]) -> Result<u64, SinkError> {
@@ -269,17 +356,27 @@ impl Sink for EmbeddedStore {
                     e.insert((high, count))
                 }
             };
+            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+                continue;
+            };
+            let mut value =
+                Vec::with_capacity(1 + records.iter().map(|r| r.encoded.len() + 3).sum::<usize>());
+            value.push(BLOCK_FORMAT);
             for record in records {
-                let value = record.encode_to_vec();
-                let key = record_key(agent, record.seq);
-                let time_key = time_key(ingest_ns, agent, record.seq);
-                let size = (key.len() + value.len() + time_key.len() + 8) as u64;
-                batch.insert(key, value);
-                batch.insert(time_key, &size.to_be_bytes());
-                total += size;
-                state.0 = state.0.max(record.seq);
-                state.1 += 1;
+                prost::encoding::encode_varint(record.encoded.len() as u64, &mut value);
+                value.extend_from_slice(&record.encoded);
             }
+            let key = agent_seq_key(BLOCK, agent, first.seq);
+            let time_key = time_key(ingest_ns, agent, first.seq);
+            let size = (key.len() + value.len() + time_key.len() + 16) as u64;
+            let mut time_value = [0u8; 16];
+            time_value[..8].copy_from_slice(&size.to_be_bytes());
+            time_value[8..].copy_from_slice(&(records.len() as u64).to_be_bytes());
+            batch.insert(key, value);
+            batch.insert(time_key, &time_value[..]);
+            total += size;
+            state.0 = state.0.max(last.seq);
+            state.1 += records.len() as u64;
         }
         for (agent, (high, count)) in agents {
             batch.insert(agent_key(HIGH_WATER, agent), &high.to_be_bytes());
@@ -297,34 +394,41 @@ impl RecordSource for EmbeddedStore {
         query: &Query,
         emit: &mut dyn FnMut(&str, Record) -> bool,
     ) -> Result<(), SinkError> {
-        let prefix = match &query.agent {
-            Some(agent) => {
-                let mut prefix = vec![RECORD];
+        let mut emitted = 0usize;
+        // An agent's records in an old store's `R` entries precede its
+        // blocks; across agents, those come first.
+        for kind in [LEGACY_RECORD, BLOCK] {
+            let mut prefix = vec![kind];
+            if let Some(agent) = &query.agent {
                 prefix.extend_from_slice(agent.as_bytes());
                 prefix.push(0);
-                prefix
             }
-            None => vec![RECORD],
-        };
-        let mut emitted = 0usize;
-        for entry in self.tree.scan_prefix(prefix) {
-            if query.limit.is_some_and(|limit| emitted >= limit) {
-                break;
-            }
-            let (key, value) = entry.map_err(|e| self.io(e))?;
-            let (agent, seq) = split_agent_seq(&key[1..]).ok_or_else(|| {
-                self.corrupt(
-                    format!("record key {:?}", key.as_ref()),
-                    "malformed key".into(),
-                )
-            })?;
-            let record = Record::decode(value.as_ref()).map_err(|e| {
-                self.corrupt(format!("record agent={agent} seq={seq}"), e.to_string())
-            })?;
-            if query.matches(&record) {
-                emitted += 1;
-                if !emit(agent, record) {
-                    break;
+            for entry in self.tree.scan_prefix(prefix) {
+                let (key, value) = entry.map_err(|e| self.io(e))?;
+                let (agent, seq) = split_agent_seq(&key[1..]).ok_or_else(|| {
+                    self.corrupt(
+                        format!("record key {:?}", key.as_ref()),
+                        "malformed key".into(),
+                    )
+                })?;
+                let records: Box<dyn Iterator<Item = Result<&[u8], SinkError>>> = if kind == BLOCK {
+                    Box::new(self.block_records(&value, agent, seq))
+                } else {
+                    Box::new(std::iter::once(Ok(value.as_ref())))
+                };
+                for encoded in records {
+                    if query.limit.is_some_and(|limit| emitted >= limit) {
+                        return Ok(());
+                    }
+                    let record = Record::decode(encoded?).map_err(|e| {
+                        self.corrupt(format!("record agent={agent} seq={seq}"), e.to_string())
+                    })?;
+                    if query.matches(&record) {
+                        emitted += 1;
+                        if !emit(agent, record) {
+                            return Ok(());
+                        }
+                    }
                 }
             }
         }
@@ -394,9 +498,9 @@ fn agent_key(kind: u8, agent: &str) -> Vec<u8> {
     key
 }
 
-fn record_key(agent: &str, seq: u64) -> Vec<u8> {
+fn agent_seq_key(kind: u8, agent: &str, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + agent.len() + 1 + 8);
-    key.push(RECORD);
+    key.push(kind);
     key.extend_from_slice(agent.as_bytes());
     key.push(0);
     key.extend_from_slice(&seq.to_be_bytes());
@@ -433,6 +537,7 @@ fn unix_ns(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::EncodedRecord;
     use edgefleet_proto::{record, Signal, Signals};
 
     fn rec(seq: u64, device: &str) -> Record {
@@ -444,6 +549,13 @@ mod tests {
             value: Some(record::Value::Signals(Signals {
                 signals: vec![Signal::f64("temp", seq as f64)],
             })),
+        }
+    }
+
+    fn enc(seq: u64, device: &str) -> EncodedRecord {
+        EncodedRecord {
+            seq,
+            encoded: rec(seq, device).encode_to_vec().into(),
         }
     }
 
@@ -466,19 +578,19 @@ mod tests {
             .commit(&[
                 AgentRecords {
                     agent: "b".into(),
-                    records: vec![rec(1, "d1"), rec(2, "d2")],
+                    records: vec![enc(1, "d1"), enc(2, "d2")],
                 },
                 AgentRecords {
                     agent: "a".into(),
-                    records: vec![rec(7, "d1")],
+                    records: vec![enc(7, "d1")],
                 },
                 AgentRecords {
                     agent: "a-long".into(),
-                    records: vec![rec(3, "d1")],
+                    records: vec![enc(3, "d1")],
                 },
                 AgentRecords {
                     agent: "b".into(),
-                    records: vec![rec(300, "d1")],
+                    records: vec![enc(300, "d1")],
                 },
             ])
             .unwrap();
@@ -540,12 +652,15 @@ mod tests {
         store
             .commit(&[AgentRecords {
                 agent: "gw".into(),
-                records: vec![rec(1, "d")],
+                records: vec![enc(1, "d")],
             }])
             .unwrap();
         store
             .tree
-            .insert(record_key("gw", 2), &[0xff, 0xff, 0xff][..])
+            .insert(
+                agent_seq_key(LEGACY_RECORD, "gw", 2),
+                &[0xff, 0xff, 0xff][..],
+            )
             .unwrap();
         let err = store
             .query(&Query::default(), &mut |_, _| true)
@@ -555,11 +670,102 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_block_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store
+            .commit(&[AgentRecords {
+                agent: "gw".into(),
+                records: vec![enc(5, "d"), enc(6, "d")],
+            }])
+            .unwrap();
+        let key = agent_seq_key(BLOCK, "gw", 5);
+        let mut block = store.tree.get(&key).unwrap().unwrap().to_vec();
+        block.truncate(block.len() - 3);
+        store.tree.insert(&key, block).unwrap();
+        let err = store
+            .query(&Query::default(), &mut |_, _| true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("block agent=gw first seq=5"), "{err}");
+        store.tree.insert(&key, &[9u8][..]).unwrap();
+        let err = store.ingest_times(|_, _, _| {}).unwrap_err().to_string();
+        assert!(err.contains("unknown block format"), "{err}");
+    }
+
+    /// A store written before blocks (one `R` entry and one 8-byte `T`
+    /// entry per record) stays readable, and retention deletes from it.
+    #[test]
+    fn a_store_of_single_record_entries_is_read_and_retained_alongside_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let old_ns = 1_000u64;
+        for seq in 1..=3u64 {
+            let value = rec(seq, "old").encode_to_vec();
+            let size = 100u64;
+            store
+                .tree
+                .insert(agent_seq_key(LEGACY_RECORD, "gw", seq), value)
+                .unwrap();
+            store
+                .tree
+                .insert(time_key(old_ns, "gw", seq), &size.to_be_bytes())
+                .unwrap();
+        }
+        store
+            .tree
+            .insert(agent_key(HIGH_WATER, "gw"), &3u64.to_be_bytes())
+            .unwrap();
+        store
+            .tree
+            .insert(agent_key(COUNT, "gw"), &3u64.to_be_bytes())
+            .unwrap();
+        store
+            .tree
+            .insert(META_BYTES, &300u64.to_be_bytes())
+            .unwrap();
+        store
+            .commit(&[AgentRecords {
+                agent: "gw".into(),
+                records: vec![enc(4, "new"), enc(5, "new")],
+            }])
+            .unwrap();
+        let seqs = |store: &EmbeddedStore| -> Vec<u64> {
+            all(store, &Query::default())
+                .into_iter()
+                .map(|(_, s)| s)
+                .collect()
+        };
+        assert_eq!(seqs(&store), vec![1, 2, 3, 4, 5]);
+        let mut times = Vec::new();
+        store
+            .ingest_times(|ns, _, seq| times.push((ns == old_ns, seq)))
+            .unwrap();
+        assert_eq!(
+            times,
+            vec![(true, 1), (true, 2), (true, 3), (false, 4), (false, 5)]
+        );
+        assert_eq!(store.stats().unwrap().total_records, 5);
+        // Everything older than a second before now: the three old records.
+        let retention = Retention {
+            max_age: Some(Duration::from_secs(1)),
+            ..Retention::default()
+        };
+        let report = store
+            .enforce_retention(&retention, SystemTime::now())
+            .unwrap();
+        assert_eq!(report.deleted_records, 3);
+        assert_eq!(report.deleted_bytes, 300);
+        assert_eq!(seqs(&store), vec![4, 5]);
+        assert_eq!(store.stats().unwrap().agents["gw"].records, 2);
+    }
+
+    #[test]
     fn retention_by_age_deletes_what_was_ingested_before_the_cutoff() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let commit = |seqs: std::ops::RangeInclusive<u64>| {
-            let records = seqs.map(|s| rec(s, "d")).collect();
+            let records = seqs.map(|s| enc(s, "d")).collect();
             store
                 .commit(&[AgentRecords {
                     agent: "gw".into(),
@@ -602,7 +808,7 @@ mod tests {
             store
                 .commit(&[AgentRecords {
                     agent: "gw".into(),
-                    records: vec![rec(seq, "d")],
+                    records: vec![enc(seq, "d")],
                 }])
                 .unwrap();
         }

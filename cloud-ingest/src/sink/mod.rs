@@ -10,17 +10,26 @@ pub mod embedded;
 
 use std::path::PathBuf;
 
-use edgefleet_proto::Record;
+use prost::bytes::Bytes;
 
 pub use discard::DiscardSink;
 pub use embedded::EmbeddedStore;
+
+/// A record as the agent sent it: an encoded `edgefleet.telemetry.v1.Record`
+/// that `encoded::check_record` accepted, and the `seq` it carries. Sinks
+/// store or forward the encoding as it is; nothing on the way decodes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedRecord {
+    pub seq: u64,
+    pub encoded: Bytes,
+}
 
 /// One agent's records for one commit: new (never stored) records in
 /// strictly increasing `seq` order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentRecords {
     pub agent: String,
-    pub records: Vec<Record>,
+    pub records: Vec<EncodedRecord>,
 }
 
 /// A durable destination for records.

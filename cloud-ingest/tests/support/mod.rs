@@ -106,19 +106,27 @@ pub async fn connect(
     ca: &Path,
     identity: Option<Identity>,
 ) -> Result<TelemetryClient<Channel>, tonic::transport::Error> {
+    Ok(TelemetryClient::new(channel(addrs, ca, identity).await?))
+}
+
+/// A TLS channel to the ingest, trusting `ca`, presenting `identity` if given.
+pub async fn channel(
+    addrs: &BoundAddrs,
+    ca: &Path,
+    identity: Option<Identity>,
+) -> Result<Channel, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
         .domain_name("localhost");
     if let Some(identity) = identity {
         tls = tls.identity(identity);
     }
-    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", addrs.grpc.port()))
+    Endpoint::from_shared(format!("https://127.0.0.1:{}", addrs.grpc.port()))
         .unwrap()
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
-        .await?;
-    Ok(TelemetryClient::new(channel))
+        .await
 }
 
 /// A server running in this process.

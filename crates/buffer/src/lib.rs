@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgefleet_proto::encoded::{check_record, BatchBuilder, EncodedBatch};
 use edgefleet_proto::Record;
 use tokio::sync::{oneshot, watch};
 
@@ -324,6 +325,67 @@ impl Buffer {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, BufferError> {
+        let mut out = Vec::new();
+        self.visit_from(
+            from,
+            max_records,
+            max_bytes,
+            |seq, encoded| match segment::decode(encoded, seq) {
+                Ok(record) => out.push(record),
+                Err(e) => {
+                    self.inner
+                        .counters
+                        .corrupt_skipped
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(seq, error = %e, "skipping undecodable record in the buffer");
+                }
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// [`Buffer::read_from`] for sending: the records stay encoded, numbered
+    /// on the way out ([`BatchBuilder`]), so the uplink never decodes and
+    /// re-encodes them. Returns the batch and the last sequence number it
+    /// read (sent or skipped as malformed), or `None` when nothing from
+    /// `from` on is durable.
+    pub fn read_batch(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Option<(EncodedBatch, u64)>, BufferError> {
+        let mut batch = BatchBuilder::with_capacity(max_records.min(4096), max_bytes.min(4 << 20));
+        let mut last = None;
+        self.visit_from(from, max_records, max_bytes, |seq, encoded| {
+            last = Some(seq);
+            // The segment's checksum catches damage on disk; this catches a
+            // record the ingest would refuse, which would otherwise be
+            // resent (and refused) forever.
+            match check_record(encoded) {
+                Ok(_) => batch.push(encoded, seq),
+                Err(e) => {
+                    self.inner
+                        .counters
+                        .corrupt_skipped
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(seq, error = %e, "skipping a malformed record in the buffer");
+                }
+            }
+        })?;
+        Ok(last.map(|last| (batch.finish(), last)))
+    }
+
+    /// Calls `take(seq, encoded)` for durable records with `seq >= from`, at
+    /// most `max_records` and about `max_bytes` of them (always at least one
+    /// when one is there). Damaged segments are skipped and counted.
+    fn visit_from(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+        mut take: impl FnMut(u64, &[u8]),
+    ) -> Result<(), BufferError> {
         let (durable, acked) = {
             let levels = self.inner.levels.borrow();
             (levels.durable_through, levels.acked_through)
@@ -331,9 +393,8 @@ impl Buffer {
         // A partly acked segment still holds its acked records: never
         // return those.
         let from = from.max(acked.saturating_add(1));
-        let mut out = Vec::new();
         if from > durable {
-            return Ok(out);
+            return Ok(());
         }
         let storage = |source| BufferError::Storage {
             dir: self.inner.dir.clone(),
@@ -351,7 +412,7 @@ impl Buffer {
         let end = keys::seq_bound(durable.saturating_add(1));
         let start = start.map_or_else(|| keys::seq_bound(from).to_vec(), |key| key.to_vec());
         let segments = tree.range(start.as_slice()..end.as_slice());
-        let mut bytes = 0usize;
+        let (mut bytes, mut records) = (0usize, 0usize);
         'segments: for item in segments {
             let (key, value) = item.map_err(storage)?;
             let Some((first, last)) = keys::span_of(&key) else {
@@ -360,8 +421,8 @@ impl Buffer {
             if last < from {
                 continue;
             }
-            let records = match segment::records(&value, last - first + 1) {
-                Ok(records) => records,
+            let encoded = match segment::records(&value, last - first + 1) {
+                Ok(encoded) => encoded,
                 Err(damage) => {
                     // A damaged segment must not stall the uplink forever:
                     // skip it, loudly. The ingest sees a gap in the sequence.
@@ -375,28 +436,16 @@ impl Buffer {
                 }
             };
             let skip = from.saturating_sub(first) as usize;
-            for (seq, encoded) in (first..=last.min(durable)).zip(records).skip(skip) {
-                if !out.is_empty()
-                    && (out.len() >= max_records || bytes + encoded.len() > max_bytes)
-                {
+            for (seq, record) in (first..=last.min(durable)).zip(encoded).skip(skip) {
+                if records > 0 && (records >= max_records || bytes + record.len() > max_bytes) {
                     break 'segments;
                 }
-                match segment::decode(encoded, seq) {
-                    Ok(record) => {
-                        bytes += encoded.len();
-                        out.push(record);
-                    }
-                    Err(e) => {
-                        self.inner
-                            .counters
-                            .corrupt_skipped
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(seq, error = %e, "skipping undecodable record in the buffer");
-                    }
-                }
+                bytes += record.len();
+                records += 1;
+                take(seq, record);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Waits until a record with `seq >= from` is durable, or the buffer closes.
