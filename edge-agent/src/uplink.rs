@@ -255,6 +255,9 @@ impl Uplink {
         let heartbeat_every =
             Duration::from_millis(u64::from(hello_ack.heartbeat_interval_ms.max(1000)));
         let mut credit = hello_ack.credit.max(1) as usize;
+        // A window's worth of records reserved as sent at a time: one buffer
+        // commit per window rather than one per batch.
+        let reserve_ahead = (max_records * credit) as u64;
         let mut cursor = (hello_ack.stored_through + 1).max(self.buffer.stats().first_seq);
         let mut inflight: VecDeque<(u64, u64, Instant)> = VecDeque::new();
         let mut last_sent = Instant::now();
@@ -303,7 +306,7 @@ impl Uplink {
                         cursor = last + 1;
                         continue;
                     }
-                    self.buffer.before_send(last).await?;
+                    self.buffer.before_send_ahead(last, reserve_ahead).await?;
                     let count = batch.records.len() as u64;
                     send(&tx, AgentFrameKind::Batch(batch)).await?;
                     inflight.push_back((last, count, Instant::now()));

@@ -238,14 +238,20 @@ fn walk(
                         return fail(name, "not valid UTF-8");
                     }
                     Some((_, Expect::Message(inner))) => {
-                        let element = if *inner == Schema::Signal {
+                        let element = index;
+                        if *inner == Schema::Signal {
                             index += 1;
-                            format!("{name}[{}]", index - 1)
-                        } else {
-                            name.to_string()
-                        };
-                        walk(body, *inner, visit)
-                            .map_err(|(path, problem)| (format!("{element}.{path}"), problem))?;
+                        }
+                        // The path is built only on failure: this runs for
+                        // every signal of every record.
+                        walk(body, *inner, visit).map_err(|(path, problem)| {
+                            let element = if *inner == Schema::Signal {
+                                format!("{name}[{element}]")
+                            } else {
+                                name.to_string()
+                            };
+                            (format!("{element}.{path}"), problem)
+                        })?;
                     }
                     _ => {}
                 }

@@ -611,6 +611,7 @@ impl Committer {
                     .fetch_add(group.appended, Ordering::Relaxed);
                 if group.needs_flush {
                     self.levels.durable_through = self.levels.next_seq - 1;
+                    self.levels.sent_reserved = self.sent_reserved;
                 }
                 self.levels.first_seq = self.first_seq();
                 self.levels_tx.send_replace(self.levels);
@@ -710,6 +711,7 @@ impl Committer {
         next.durable_through = next.next_seq - 1;
         next.acked_through = stored_through;
         next.anchored = true;
+        next.sent_reserved = 0;
         batch.insert(keys::META_NEXT_SEQ, &next.next_seq.to_be_bytes());
         batch.insert(keys::META_ANCHORED, &1u64.to_be_bytes());
         batch.insert(keys::META_ACKED, &next.acked_through.to_be_bytes());

@@ -197,6 +197,9 @@ pub(crate) struct Levels {
     pub acked_through: u64,
     pub epoch: u64,
     pub anchored: bool,
+    /// Highest seq durably reserved as possibly sent (see
+    /// [`Buffer::before_send`]); 0 until the first reservation of this run.
+    pub sent_reserved: u64,
 }
 
 struct Inner {
@@ -290,9 +293,25 @@ impl Buffer {
     /// network: it durably notes that they may have been sent, so that
     /// `DropOldest` never drops (and counts) a record the ingest may have.
     pub async fn before_send(&self, last_seq: u64) -> Result<(), BufferError> {
+        self.before_send_ahead(last_seq, 0).await
+    }
+
+    /// [`Buffer::before_send`] that, when it has to write, reserves `ahead`
+    /// more sequence numbers, so that the next batches up to there go out
+    /// without waiting for a commit of the buffer. The cost: those records
+    /// cannot be dropped by `DropOldest` before they are sent (newer ones
+    /// go instead), a small departure from strict age order that `ahead`
+    /// bounds.
+    pub async fn before_send_ahead(&self, last_seq: u64, ahead: u64) -> Result<(), BufferError> {
+        if self.inner.levels.borrow().sent_reserved >= last_seq {
+            return Ok(());
+        }
         let (reply, rx) = oneshot::channel();
-        self.send(committer::Op::ReserveSent { last_seq, reply })
-            .await?;
+        self.send(committer::Op::ReserveSent {
+            last_seq: last_seq.saturating_add(ahead),
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| BufferError::Closed)?
     }
 

@@ -267,6 +267,7 @@ fn try_open(dir: &Path) -> Result<(sled::Db, Levels, bool), OpenFailure> {
         acked_through,
         epoch,
         anchored,
+        sent_reserved: 0,
     };
     Ok((db, levels, false))
 }

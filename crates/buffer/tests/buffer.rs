@@ -414,6 +414,48 @@ async fn drop_oldest_drops_whole_unsent_segments_and_counts_them_exactly() {
     assert_eq!((stats.records, stats.bytes), (0, 0));
 }
 
+/// The uplink reserves a window ahead: batches inside it go out without a
+/// buffer commit, and `DropOldest` keeps every record of the window.
+#[tokio::test]
+async fn a_reservation_ahead_covers_later_batches_and_is_never_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.max_bytes = 64 * 1024;
+    opts.when_full = FullPolicy::DropOldest;
+    let (buffer, _) = Buffer::open(opts).unwrap();
+    let payload = vec![7u8; 1000];
+    let mut appended = 0u64;
+    for _ in 0..2 {
+        buffer
+            .append((0..10).map(|_| record("d", &payload)).collect())
+            .await
+            .unwrap();
+        appended += 10;
+    }
+    buffer.before_send_ahead(5, 20).await.unwrap();
+    let commits = buffer.stats().commits_total;
+    // Within the window (up to 25): no commit.
+    buffer.before_send_ahead(10, 20).await.unwrap();
+    buffer.before_send_ahead(25, 20).await.unwrap();
+    assert_eq!(buffer.stats().commits_total, commits);
+    for _ in 0..30 {
+        buffer
+            .append((0..10).map(|_| record("d", &payload)).collect())
+            .await
+            .unwrap();
+        appended += 10;
+    }
+    let stats = buffer.stats();
+    assert!(stats.dropped_full_total >= 200, "{stats:?}");
+    assert_eq!(stats.records + stats.dropped_full_total, appended);
+    let kept = seqs(&buffer.read_from(1, 10_000, usize::MAX).unwrap());
+    // 1..=25 reserved; the segment 21..=30 straddles the end and stays whole.
+    assert_eq!(&kept[..30], &(1..=30).collect::<Vec<_>>()[..]);
+    // Past the window a reservation writes again.
+    buffer.before_send_ahead(26, 0).await.unwrap();
+    assert!(buffer.stats().commits_total > commits);
+}
+
 #[tokio::test]
 async fn an_anchor_renumbers_every_segment() {
     let dir = tempfile::tempdir().unwrap();
