@@ -255,6 +255,7 @@ impl Uplink {
         let heartbeat_every =
             Duration::from_millis(u64::from(hello_ack.heartbeat_interval_ms.max(1000)));
         let mut credit = hello_ack.credit.max(1) as usize;
+        let window = credit;
         // A window's worth of records reserved as sent at a time: one buffer
         // commit per window rather than one per batch.
         let reserve_ahead = (max_records * credit) as u64;
@@ -293,7 +294,14 @@ impl Uplink {
                 ready = self.buffer.wait_for(cursor), if credit > 0 => {
                     ready?;
                     let available = self.buffer.stats().durable_through.saturating_sub(cursor) + 1;
-                    if (available as usize) < max_records && !linger.is_zero() {
+                    // Wait for a fuller batch only while half the window is
+                    // in flight: with credit to spare a partial batch goes at
+                    // once (the buffer's group commit already gathered it),
+                    // so light load pays no linger in its latency.
+                    if (available as usize) < max_records
+                        && !linger.is_zero()
+                        && inflight.len() * 2 >= window
+                    {
                         tokio::time::sleep(linger).await;
                     }
                     let Some((batch, last)) = self.buffer.read_batch(cursor, max_records, max_bytes)? else {

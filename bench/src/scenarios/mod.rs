@@ -49,6 +49,10 @@ pub fn start_ingest(
         .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .env("RUST_LOG", "warn");
+    // For experiments (e.g. `--credit 32`); published runs leave it unset.
+    if let Ok(extra) = std::env::var("EDGEFLEET_BENCH_INGEST_ARGS") {
+        command.args(extra.split_whitespace());
+    }
     match store {
         Some(store) => command.arg("--store").arg(store),
         None => command.arg("--discard"),
@@ -79,6 +83,26 @@ pub fn stored(metrics_port: u16) -> u64 {
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         .and_then(|v| v["total_records"].as_u64())
         .unwrap_or(0)
+}
+
+/// The value of one series (`name` with its labels, if any) in the
+/// ingest's Prometheus exposition; `None` when absent.
+pub fn metric(metrics_port: u16, series: &str) -> Option<f64> {
+    let text = http_get(metrics_port, "/metrics").ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.trim().parse().ok()
+    })
+}
+
+/// The ingest's group commits so far: (commits, seconds in them, batches).
+pub fn commit_totals(metrics_port: u16) -> (f64, f64, f64) {
+    let m = |s| metric(metrics_port, s).unwrap_or(0.0);
+    (
+        m("ingest_commit_seconds_count"),
+        m("ingest_commit_seconds_sum"),
+        m("ingest_batches_total"),
+    )
 }
 
 /// Samples `read` every `every` on a thread: (seconds since `origin`, value).

@@ -123,6 +123,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let appended = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let cpu2 = (sys::cpu_seconds(0), sys::cpu_seconds(ingest.pid()));
+    let commits0 = super::commit_totals(ingest.metrics_port);
     let start = Instant::now();
     let mut producers = Vec::new();
     for p in 0..PRODUCERS {
@@ -146,6 +147,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let stored_at_end = ingest.stored();
     let secs = start.elapsed().as_secs_f64();
     let cpu3 = (sys::cpu_seconds(0), sys::cpu_seconds(ingest.pid()));
+    let commits1 = super::commit_totals(ingest.metrics_port);
     stop.store(true, Ordering::Relaxed);
     for p in producers {
         let _ = p.await;
@@ -165,6 +167,17 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         "rec/s",
         "≥ 1,000,000 rec/s",
         spine_rate >= 1e6,
+    );
+    let commits = (commits1.0 - commits0.0).max(1.0);
+    result.figure(
+        "spine: ingest group commit (write + fsync), mean",
+        1e3 * (commits1.1 - commits0.1) / commits,
+        "ms",
+    );
+    result.figure(
+        "spine: ingest batches per group commit",
+        (commits1.2 - commits0.2) / commits,
+        "batches",
     );
     result.figure(
         "transport alone: acknowledged records/s",

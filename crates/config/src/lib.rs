@@ -378,7 +378,9 @@ pub struct BatchConfig {
     pub max_records: u32,
     #[serde(default = "default_batch_bytes")]
     pub max_bytes: ByteSize,
-    /// How long a partial batch waits for more records before it is sent.
+    /// How long a partial batch waits for more records before it is sent,
+    /// when at least half the ingest's credit window is in flight (with
+    /// credit to spare a partial batch is sent at once).
     #[serde(default = "default_batch_delay")]
     pub max_delay_ms: u64,
 }
