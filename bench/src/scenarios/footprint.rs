@@ -104,8 +104,26 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         ),
         None => result.note("no record was stored within 60 s of the agent's start"),
     }
+    // `EDGEFLEET_AGENT_CMD` measures another agent build (e.g. the static
+    // `edge` build that ships): say which, and size that one.
+    let agent_cmd = std::env::var(edgefleet_tests::AGENT_CMD_ENV)
+        .ok()
+        .filter(|c| !c.trim().is_empty());
+    if let Some(cmd) = &agent_cmd {
+        result.note(&format!(
+            "Agent measured: `{cmd}` ({}).",
+            edgefleet_tests::AGENT_CMD_ENV
+        ));
+    }
     for name in ["edge-agent", "cloud-ingest"] {
-        let path = bin(name);
+        let path = match (&agent_cmd, name) {
+            (Some(cmd), "edge-agent") => cmd
+                .split_whitespace()
+                .last()
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| bin(name)),
+            _ => bin(name),
+        };
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         result.figure(
             &format!("{name} binary size ({})", profile_of(&path)),

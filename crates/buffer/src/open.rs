@@ -125,7 +125,12 @@ fn sled_config(dir: &Path) -> sled::Config {
     sled::Config::new()
         .path(dir)
         .mode(sled::Mode::HighThroughput)
-        .cache_capacity(32 << 20)
+        // sled's page cache, most of the agent's memory under load. The
+        // uplink reads segments soon after they are written, one sled value
+        // each, and what the cache misses is in the OS page cache: 32 MiB
+        // here alone was the whole RSS budget of a small gateway
+        // (BENCHMARKS.md, footprint).
+        .cache_capacity(8 << 20)
         // We fsync on our own schedule (group commit); a background flusher
         // would only add fsyncs.
         .flush_every_ms(None)
