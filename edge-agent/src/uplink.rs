@@ -105,10 +105,20 @@ impl Uplink {
             Duration::from_millis(self.config.backoff.initial_ms),
             Duration::from_millis(self.config.backoff.max_ms),
         );
+        // The highest sequence number this run has handed to the network,
+        // over all sessions.
+        let mut handed_through = 0;
         loop {
             let mut progressed = false;
-            let result = self.session(&shutdown, &mut progressed).await;
+            let result = self
+                .session(&shutdown, &mut progressed, &mut handed_through)
+                .await;
             self.metrics.uplink_connected(false);
+            // With the link down, what was reserved for the window ahead
+            // must not keep the newest records from DropOldest's place.
+            if let Err(e) = self.buffer.release_unsent(handed_through).await {
+                tracing::warn!(error = %e, "could not release the buffer's send reservation");
+            }
             if progressed {
                 backoff.reset();
             }
@@ -154,6 +164,7 @@ impl Uplink {
         &self,
         shutdown: &CancellationToken,
         progressed: &mut bool,
+        handed_through: &mut u64,
     ) -> Result<SessionEnd, UplinkError> {
         let cfg = &self.config;
         let identity = certificate_identity(cfg)?;
@@ -315,6 +326,7 @@ impl Uplink {
                         continue;
                     }
                     self.buffer.before_send_ahead(last, reserve_ahead).await?;
+                    *handed_through = (*handed_through).max(last);
                     let count = batch.records.len() as u64;
                     send(&tx, AgentFrameKind::Batch(batch)).await?;
                     inflight.push_back((last, count, Instant::now()));

@@ -48,6 +48,10 @@ pub(crate) enum Op {
         last_seq: u64,
         reply: Reply<()>,
     },
+    ReleaseUnsent {
+        handed_through: u64,
+        reply: Reply<()>,
+    },
     SetLimits {
         max_bytes: u64,
         when_full: FullPolicy,
@@ -74,6 +78,9 @@ pub(crate) struct Committer {
     levels_tx: watch::Sender<Levels>,
     counters: Arc<Counters>,
     sent_reserved: u64,
+    /// What a release never goes below: the reservation found at open
+    /// (records a previous run may have handed to the network).
+    handed_floor: u64,
     dead_count: u64,
     dead_n: u64,
     /// An append waiting for room under the `Block` policy.
@@ -218,6 +225,7 @@ impl Committer {
             levels_tx,
             counters,
             sent_reserved,
+            handed_floor: sent_reserved,
             dead_count,
             dead_n: 0,
             stalled: None,
@@ -326,15 +334,30 @@ impl Committer {
                 group.done.push(reply);
             }
             Op::ReserveSent { last_seq, reply } => {
-                // Exactly what is about to be sent: reserving ahead would make
-                // unsent records undroppable. The write joins the current
-                // group's fsync, so under load it costs no extra flush.
+                // The write joins the current group's fsync, so under load it
+                // costs no extra flush.
                 if last_seq > self.sent_reserved {
                     self.sent_reserved = last_seq;
                     group
                         .batch
                         .insert(keys::META_SENT_RESERVED, &self.sent_reserved.to_be_bytes());
                     group.needs_flush = true;
+                }
+                group.done.push(reply);
+            }
+            Op::ReleaseUnsent {
+                handed_through,
+                reply,
+            } => {
+                // Lowering needs no flush: until it is on disk the higher
+                // value stands, which only keeps more records from DropOldest.
+                let keep = handed_through.max(self.handed_floor);
+                if keep < self.sent_reserved {
+                    self.sent_reserved = keep;
+                    self.levels.sent_reserved = self.levels.sent_reserved.min(keep);
+                    group
+                        .batch
+                        .insert(keys::META_SENT_RESERVED, &keep.to_be_bytes());
                 }
                 group.done.push(reply);
             }
@@ -722,6 +745,7 @@ impl Committer {
             .and_then(|()| self.tree.flush().map(|_| ()))
             .map_err(|e| BufferError::WriteFailed(e.to_string()))?;
         self.sent_reserved = 0;
+        self.handed_floor = 0;
         self.levels = next;
         self.levels_tx.send_replace(self.levels);
         if shift > 0 {

@@ -315,6 +315,24 @@ impl Buffer {
         rx.await.map_err(|_| BufferError::Closed)?
     }
 
+    /// Gives back what [`Buffer::before_send_ahead`] reserved beyond
+    /// `handed_through`, the highest sequence number this run actually
+    /// handed to the network: call when a session ends, so that while the
+    /// link is down `DropOldest` drops the oldest records again rather than
+    /// the newest. Never goes below what a previous run reserved.
+    pub async fn release_unsent(&self, handed_through: u64) -> Result<(), BufferError> {
+        if self.inner.levels.borrow().sent_reserved <= handed_through {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(committer::Op::ReleaseUnsent {
+            handed_through,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| BufferError::Closed)?
+    }
+
     /// Keeps an undecodable payload for inspection; never waits.
     pub fn dead_letter(&self, letter: DeadLetter) {
         let _ = self

@@ -457,6 +457,57 @@ async fn a_reservation_ahead_covers_later_batches_and_is_never_dropped() {
 }
 
 #[tokio::test]
+async fn a_released_reservation_lets_drop_oldest_take_unsent_records_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.max_bytes = 64 * 1024;
+    opts.when_full = FullPolicy::DropOldest;
+    let (buffer, _) = Buffer::open(opts.clone()).unwrap();
+    let payload = vec![7u8; 1000];
+    let mut appended = 0u64;
+    for _ in 0..3 {
+        buffer
+            .append((0..10).map(|_| record("d", &payload)).collect())
+            .await
+            .unwrap();
+        appended += 10;
+    }
+    // 1..=10 handed to the network, 11..=30 only reserved ahead; then the
+    // link goes down.
+    buffer.before_send_ahead(10, 20).await.unwrap();
+    buffer.release_unsent(10).await.unwrap();
+    for _ in 0..30 {
+        buffer
+            .append((0..10).map(|_| record("d", &payload)).collect())
+            .await
+            .unwrap();
+        appended += 10;
+    }
+    let stats = buffer.stats();
+    assert_eq!(stats.records + stats.dropped_full_total, appended);
+    let kept = seqs(&buffer.read_from(1, 10_000, usize::MAX).unwrap());
+    // What was handed stays; the oldest unsent went, the newest stayed.
+    assert_eq!(&kept[..10], &(1..=10).collect::<Vec<_>>()[..]);
+    assert!(kept[10] > 30, "unsent records 11..=30 kept: {kept:?}");
+    assert_eq!(*kept.last().unwrap(), appended);
+    // A new run never releases below what the last one reserved: it may
+    // have handed those records to the network.
+    buffer.before_send(kept[15]).await.unwrap();
+    buffer.close().await.unwrap();
+    drop(buffer);
+    let (buffer, _) = Buffer::open(opts).unwrap();
+    buffer.release_unsent(0).await.unwrap();
+    for _ in 0..10 {
+        buffer
+            .append((0..10).map(|_| record("d", &payload)).collect())
+            .await
+            .unwrap();
+    }
+    let after = seqs(&buffer.read_from(1, 10_000, usize::MAX).unwrap());
+    assert_eq!(&after[..16], &kept[..16]);
+}
+
+#[tokio::test]
 async fn an_anchor_renumbers_every_segment() {
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
