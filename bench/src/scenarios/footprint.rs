@@ -110,7 +110,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         .ok()
         .filter(|c| !c.trim().is_empty());
     if let Some(cmd) = &agent_cmd {
-        result.note(&format!(
+        result.note(format!(
             "Agent measured: `{cmd}` ({}).",
             edgefleet_tests::AGENT_CMD_ENV
         ));
