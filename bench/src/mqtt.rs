@@ -1,8 +1,9 @@
 //! MQTT load: publishers that stamp each payload with its publish time, and
-//! a subscriber that only counts (the broker's own ceiling).
+//! a subscriber that only counts and times them (the broker's own ceiling and
+//! latency).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
@@ -144,9 +145,22 @@ async fn publish_one(
     })
 }
 
-/// A QoS 1 subscriber to every device topic that only counts.
+/// The `timestamp_ns` a payload of [`payload`] carries.
+fn payload_timestamp(body: &[u8]) -> Option<i64> {
+    const KEY: &[u8] = b"\"timestamp_ns\":";
+    let at = body.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&body[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A QoS 1 subscriber to every device topic that only counts, and records
+/// publish → delivered latency (microseconds) from the payloads' timestamps.
 pub struct Counter {
     pub count: Arc<AtomicU64>,
+    latency: Arc<Mutex<hdrhistogram::Histogram<u64>>>,
     client: AsyncClient,
     task: tokio::task::JoinHandle<()>,
 }
@@ -166,15 +180,23 @@ impl Counter {
             .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
             .await?;
         let count = Arc::new(AtomicU64::new(0));
+        let latency = Arc::new(Mutex::new(crate::scenarios::histogram()));
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
         let task = {
             let count = count.clone();
+            let latency = latency.clone();
             tokio::spawn(async move {
                 let mut subscribed = Some(subscribed_tx);
                 loop {
                     match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::Publish(_))) => {
+                        Ok(Event::Incoming(Packet::Publish(publish))) => {
                             count.fetch_add(1, Ordering::Relaxed);
+                            if let Some(ts) = payload_timestamp(&publish.payload) {
+                                let micros = ((now_ns() - ts) / 1000).max(1) as u64;
+                                if let Ok(mut h) = latency.lock() {
+                                    let _ = h.record(micros);
+                                }
+                            }
                         }
                         Ok(Event::Incoming(Packet::SubAck(_))) => {
                             if let Some(tx) = subscribed.take() {
@@ -193,6 +215,7 @@ impl Counter {
             .map_err(|_| anyhow::anyhow!("no SubAck from the broker"))??;
         Ok(Counter {
             count,
+            latency,
             client,
             task,
         })
@@ -202,8 +225,29 @@ impl Counter {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The latencies recorded since the last call, and a fresh start.
+    pub fn take_latency(&self) -> hdrhistogram::Histogram<u64> {
+        let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *h, crate::scenarios::histogram())
+    }
+
     pub async fn stop(self) {
         self.client.disconnect().await.ok();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_subscriber_reads_back_the_publish_time() {
+        let body = payload(7, 3, 1_700_000_000_123_456_789);
+        assert_eq!(
+            payload_timestamp(body.as_bytes()),
+            Some(1_700_000_000_123_456_789)
+        );
+        assert_eq!(payload_timestamp(b"{\"n\":1}"), None);
     }
 }

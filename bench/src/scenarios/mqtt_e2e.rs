@@ -2,7 +2,9 @@
 //! them; the real edge-agent (durable buffer, default flush policy, broker
 //! acks after durability) streams over mTLS to the real cloud-ingest with its
 //! embedded store. In the same run, the broker's ceiling: the same
-//! publishers with a subscriber that only counts.
+//! publishers with a subscriber that only counts; and the broker's own
+//! latency at half that rate, against which the agent's half-load latency is
+//! read.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,8 +36,26 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     })
     .await;
     let ceiling = counter.count() as f64 / started.elapsed().as_secs_f64();
-    counter.stop().await;
     let broker_cpu_ceiling = sys::cpu_seconds(fleet.mqtt.proc.pid());
+    // The broker's own latency at half its ceiling: what the agent's
+    // half-load latency would be with an agent that cost nothing.
+    counter.take_latency();
+    let delivered = counter.count();
+    let broker_half = mqtt::publish(
+        port,
+        PUBLISHERS,
+        DEVICES,
+        phase,
+        Some(ceiling / 2.0),
+        "broker-half",
+    )
+    .await?;
+    wait_until(Duration::from_secs(60), || {
+        counter.count() >= delivered + broker_half.messages
+    })
+    .await;
+    let h_broker_half = counter.take_latency();
+    counter.stop().await;
 
     // The spine.
     fleet.start_ingest()?;
@@ -178,6 +198,17 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         } else {
             result.figures.push(f);
         }
+    }
+    result.figure(
+        "broker alone at half its ceiling: rate",
+        broker_half.messages as f64 / broker_half.seconds,
+        "msg/s",
+    );
+    for f in latency_figures(
+        "broker alone at half its ceiling: latency publish→subscriber,",
+        &h_broker_half,
+    ) {
+        result.figures.push(f);
     }
     result.figure(
         "agent CPU per million records",
