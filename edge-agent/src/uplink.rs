@@ -288,7 +288,7 @@ impl Uplink {
                         .ok_or_else(|| UplinkError::Stream("the ingest ended the stream".into()))?;
                     match message.kind {
                         Some(ingest_message::Kind::Ack(ack)) => {
-                            self.on_ack(ack.acked_through, &mut inflight).await?;
+                            self.on_ack(ack.acked_through, &mut inflight)?;
                             credit += ack.credit as usize;
                             *progressed = true;
                         }
@@ -345,12 +345,12 @@ impl Uplink {
         }
     }
 
-    async fn on_ack(
+    fn on_ack(
         &self,
         through: u64,
         inflight: &mut VecDeque<(u64, u64, Instant)>,
     ) -> Result<(), UplinkError> {
-        self.buffer.ack(through).await?;
+        self.buffer.ack_soon(through)?;
         let mut records = 0;
         while inflight
             .front()
@@ -392,7 +392,7 @@ impl Uplink {
                 Ok(Ok(Some(edgefleet_proto::IngestMessage {
                     kind: Some(ingest_message::Kind::Ack(ack)),
                 }))) => {
-                    if self.on_ack(ack.acked_through, inflight).await.is_err() {
+                    if self.on_ack(ack.acked_through, inflight).is_err() {
                         break;
                     }
                 }

@@ -276,6 +276,19 @@ impl Buffer {
         rx.await.map_err(|_| BufferError::Closed)?
     }
 
+    /// [`Buffer::ack`] without waiting for the commit that deletes the
+    /// records, so the uplink's loop never stalls behind a large group of
+    /// appends. Acks are cumulative and only free space: one lost in a crash
+    /// costs nothing, since the ingest's `stored_through` moves the cursor
+    /// past those records at the next session.
+    pub fn ack_soon(&self, through: u64) -> Result<(), BufferError> {
+        let (reply, _) = oneshot::channel();
+        self.inner
+            .control
+            .send(committer::Op::Ack { through, reply })
+            .map_err(|_| BufferError::Closed)
+    }
+
     /// Aligns the buffer's sequence numbers with the ingest's record of this
     /// agent (see the protocol's "unanchored" buffers). Call with
     /// `HelloAck.stored_through` before reading.
