@@ -105,24 +105,23 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         None => result.note("no record was stored within 60 s of the agent's start"),
     }
     // `EDGEFLEET_AGENT_CMD` measures another agent build (e.g. the static
-    // `edge` build that ships): say which, and size that one.
-    let agent_cmd = std::env::var(edgefleet_tests::AGENT_CMD_ENV)
-        .ok()
-        .filter(|c| !c.trim().is_empty());
-    if let Some(cmd) = &agent_cmd {
+    // `edge` build that ships): say which, and size that one. The binary is
+    // the command's last word (after a runner such as qemu, if any).
+    let agent = edgefleet_tests::agent_command();
+    let agent_bin =
+        std::path::PathBuf::from(agent.get_args().last().unwrap_or(agent.get_program()));
+    if agent_bin != bin("edge-agent") {
         result.note(format!(
-            "Agent measured: `{cmd}` ({}).",
+            "Agent measured: `{}` ({}).",
+            agent_bin.display(),
             edgefleet_tests::AGENT_CMD_ENV
         ));
     }
     for name in ["edge-agent", "cloud-ingest"] {
-        let path = match (&agent_cmd, name) {
-            (Some(cmd), "edge-agent") => cmd
-                .split_whitespace()
-                .last()
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| bin(name)),
-            _ => bin(name),
+        let path = if name == "edge-agent" {
+            agent_bin.clone()
+        } else {
+            bin(name)
         };
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         result.figure(

@@ -85,19 +85,10 @@ pub fn stored(metrics_port: u16) -> u64 {
         .unwrap_or(0)
 }
 
-/// The value of one series (`name` with its labels, if any) in the
-/// ingest's Prometheus exposition; `None` when absent.
-pub fn metric(metrics_port: u16, series: &str) -> Option<f64> {
-    let text = http_get(metrics_port, "/metrics").ok()?;
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
-        rest.trim().parse().ok()
-    })
-}
-
 /// The ingest's group commits so far: (commits, seconds in them, batches).
 pub fn commit_totals(metrics_port: u16) -> (f64, f64, f64) {
-    let m = |s| metric(metrics_port, s).unwrap_or(0.0);
+    let text = http_get(metrics_port, "/metrics").unwrap_or_default();
+    let m = |name| edgefleet_tests::metric(&text, name, "").unwrap_or(0.0);
     (
         m("ingest_commit_seconds_count"),
         m("ingest_commit_seconds_sum"),

@@ -28,7 +28,7 @@ use crate::{
     BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Incoming, Levels, Outcome,
 };
 
-type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
 
 pub(crate) enum Op {
     Append {

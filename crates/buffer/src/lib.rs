@@ -271,9 +271,8 @@ impl Buffer {
 
     /// Deletes every record up to `through`: the ingest has stored them.
     pub async fn ack(&self, through: u64) -> Result<(), BufferError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(committer::Op::Ack { through, reply }).await?;
-        rx.await.map_err(|_| BufferError::Closed)?
+        self.request(|reply| committer::Op::Ack { through, reply })
+            .await
     }
 
     /// [`Buffer::ack`] without waiting for the commit that deletes the
@@ -293,13 +292,11 @@ impl Buffer {
     /// agent (see the protocol's "unanchored" buffers). Call with
     /// `HelloAck.stored_through` before reading.
     pub async fn anchor(&self, stored_through: u64) -> Result<AnchorOutcome, BufferError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(committer::Op::Anchor {
+        self.request(|reply| committer::Op::Anchor {
             stored_through,
             reply,
         })
-        .await?;
-        rx.await.map_err(|_| BufferError::Closed)?
+        .await
     }
 
     /// Must be awaited before records up to `last_seq` are handed to the
@@ -319,13 +316,11 @@ impl Buffer {
         if self.inner.levels.borrow().sent_reserved >= last_seq {
             return Ok(());
         }
-        let (reply, rx) = oneshot::channel();
-        self.send(committer::Op::ReserveSent {
+        self.request(|reply| committer::Op::ReserveSent {
             last_seq: last_seq.saturating_add(ahead),
             reply,
         })
-        .await?;
-        rx.await.map_err(|_| BufferError::Closed)?
+        .await
     }
 
     /// Gives back what [`Buffer::before_send_ahead`] reserved beyond
@@ -337,13 +332,11 @@ impl Buffer {
         if self.inner.levels.borrow().sent_reserved <= handed_through {
             return Ok(());
         }
-        let (reply, rx) = oneshot::channel();
-        self.send(committer::Op::ReleaseUnsent {
+        self.request(|reply| committer::Op::ReleaseUnsent {
             handed_through,
             reply,
         })
-        .await?;
-        rx.await.map_err(|_| BufferError::Closed)?
+        .await
     }
 
     /// Keeps an undecodable payload for inspection; never waits.
@@ -549,6 +542,16 @@ impl Buffer {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         Ok(())
+    }
+
+    /// Sends a control operation and waits for the committer's answer.
+    async fn request<T>(
+        &self,
+        op: impl FnOnce(committer::Reply<T>) -> committer::Op,
+    ) -> Result<T, BufferError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(op(reply)).await?;
+        rx.await.map_err(|_| BufferError::Closed)?
     }
 
     async fn send(&self, op: committer::Op) -> Result<(), BufferError> {

@@ -27,6 +27,26 @@ fn options(dir: &std::path::Path) -> BufferOptions {
     options
 }
 
+/// A 64 KiB buffer under `DropOldest`: about 60 of [`append_groups`]'s records.
+fn drop_oldest_options(dir: &std::path::Path) -> BufferOptions {
+    let mut opts = options(dir);
+    opts.max_bytes = 64 * 1024;
+    opts.when_full = FullPolicy::DropOldest;
+    opts
+}
+
+/// Appends `groups` groups of ten ~1 KB records; returns how many it offered.
+async fn append_groups(buffer: &Buffer, groups: usize) -> u64 {
+    let payload = vec![7u8; 1000];
+    for _ in 0..groups {
+        buffer
+            .append((0..10).map(|_| record("d", &payload)).collect())
+            .await
+            .unwrap();
+    }
+    groups as u64 * 10
+}
+
 fn stored(outcomes: &[Outcome]) -> Vec<u64> {
     outcomes
         .iter()
@@ -75,10 +95,7 @@ async fn appends_are_numbered_readable_acked_and_resumed_after_reopen() {
 #[tokio::test]
 async fn drop_oldest_counts_exactly_and_spares_what_may_have_been_sent() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = options(dir.path());
-    opts.max_bytes = 64 * 1024;
-    opts.when_full = FullPolicy::DropOldest;
-    let (buffer, _) = Buffer::open(opts).unwrap();
+    let (buffer, _) = Buffer::open(drop_oldest_options(dir.path())).unwrap();
     let payload = vec![7u8; 1000];
     buffer
         .append((0..10).map(|_| record("d", &payload)).collect())
@@ -355,19 +372,10 @@ async fn reads_start_in_the_middle_of_a_segment_and_keep_the_limits() {
 #[tokio::test]
 async fn drop_oldest_drops_whole_unsent_segments_and_counts_them_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = options(dir.path());
-    opts.max_bytes = 64 * 1024;
-    opts.when_full = FullPolicy::DropOldest;
+    let opts = drop_oldest_options(dir.path());
     let (buffer, _) = Buffer::open(opts.clone()).unwrap();
     let payload = vec![7u8; 1000];
-    let mut appended = 0u64;
-    for _ in 0..2 {
-        buffer
-            .append((0..10).map(|_| record("d", &payload)).collect())
-            .await
-            .unwrap();
-        appended += 10;
-    }
+    let mut appended = append_groups(&buffer, 2).await;
     // 1..=15 may have been sent: segment 11..=20 straddles the reservation.
     buffer.before_send(15).await.unwrap();
     for _ in 0..30 {
@@ -419,32 +427,15 @@ async fn drop_oldest_drops_whole_unsent_segments_and_counts_them_exactly() {
 #[tokio::test]
 async fn a_reservation_ahead_covers_later_batches_and_is_never_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = options(dir.path());
-    opts.max_bytes = 64 * 1024;
-    opts.when_full = FullPolicy::DropOldest;
-    let (buffer, _) = Buffer::open(opts).unwrap();
-    let payload = vec![7u8; 1000];
-    let mut appended = 0u64;
-    for _ in 0..2 {
-        buffer
-            .append((0..10).map(|_| record("d", &payload)).collect())
-            .await
-            .unwrap();
-        appended += 10;
-    }
+    let (buffer, _) = Buffer::open(drop_oldest_options(dir.path())).unwrap();
+    let mut appended = append_groups(&buffer, 2).await;
     buffer.before_send_ahead(5, 20).await.unwrap();
     let commits = buffer.stats().commits_total;
     // Within the window (up to 25): no commit.
     buffer.before_send_ahead(10, 20).await.unwrap();
     buffer.before_send_ahead(25, 20).await.unwrap();
     assert_eq!(buffer.stats().commits_total, commits);
-    for _ in 0..30 {
-        buffer
-            .append((0..10).map(|_| record("d", &payload)).collect())
-            .await
-            .unwrap();
-        appended += 10;
-    }
+    appended += append_groups(&buffer, 30).await;
     let stats = buffer.stats();
     assert!(stats.dropped_full_total >= 200, "{stats:?}");
     assert_eq!(stats.records + stats.dropped_full_total, appended);
@@ -459,30 +450,14 @@ async fn a_reservation_ahead_covers_later_batches_and_is_never_dropped() {
 #[tokio::test]
 async fn a_released_reservation_lets_drop_oldest_take_unsent_records_again() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = options(dir.path());
-    opts.max_bytes = 64 * 1024;
-    opts.when_full = FullPolicy::DropOldest;
+    let opts = drop_oldest_options(dir.path());
     let (buffer, _) = Buffer::open(opts.clone()).unwrap();
-    let payload = vec![7u8; 1000];
-    let mut appended = 0u64;
-    for _ in 0..3 {
-        buffer
-            .append((0..10).map(|_| record("d", &payload)).collect())
-            .await
-            .unwrap();
-        appended += 10;
-    }
+    let mut appended = append_groups(&buffer, 3).await;
     // 1..=10 handed to the network, 11..=30 only reserved ahead; then the
     // link goes down.
     buffer.before_send_ahead(10, 20).await.unwrap();
     buffer.release_unsent(10).await.unwrap();
-    for _ in 0..30 {
-        buffer
-            .append((0..10).map(|_| record("d", &payload)).collect())
-            .await
-            .unwrap();
-        appended += 10;
-    }
+    appended += append_groups(&buffer, 30).await;
     let stats = buffer.stats();
     assert_eq!(stats.records + stats.dropped_full_total, appended);
     let kept = seqs(&buffer.read_from(1, 10_000, usize::MAX).unwrap());
@@ -497,12 +472,7 @@ async fn a_released_reservation_lets_drop_oldest_take_unsent_records_again() {
     drop(buffer);
     let (buffer, _) = Buffer::open(opts).unwrap();
     buffer.release_unsent(0).await.unwrap();
-    for _ in 0..10 {
-        buffer
-            .append((0..10).map(|_| record("d", &payload)).collect())
-            .await
-            .unwrap();
-    }
+    append_groups(&buffer, 10).await;
     let after = seqs(&buffer.read_from(1, 10_000, usize::MAX).unwrap());
     assert_eq!(&after[..16], &kept[..16]);
 }
