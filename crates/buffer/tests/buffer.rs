@@ -478,6 +478,26 @@ async fn a_released_reservation_lets_drop_oldest_take_unsent_records_again() {
 }
 
 #[tokio::test]
+async fn an_ack_handed_over_without_waiting_is_committed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let appended = append_groups(&buffer, 3).await;
+    buffer.before_send(appended).await.unwrap();
+    buffer.ack_soon(20).unwrap();
+    // Close is answered after everything sent to the committer before it.
+    buffer.close().await.unwrap();
+    drop(buffer);
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let stats = buffer.stats();
+    assert_eq!((stats.records, stats.first_seq), (10, 21), "{stats:?}");
+    buffer.close().await.unwrap();
+    assert!(
+        buffer.ack_soon(30).is_err(),
+        "an ack after close must say so"
+    );
+}
+
+#[tokio::test]
 async fn an_anchor_renumbers_every_segment() {
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
