@@ -128,6 +128,11 @@ pub struct RecordError {
 /// Whatever this accepts, `Record::decode` accepts: the ingest stores what
 /// it checked here and decodes it only when it is read back.
 pub fn check_record(encoded: &[u8]) -> Result<u64, RecordError> {
+    if let Some(seq) = quick::record(encoded) {
+        return Ok(seq);
+    }
+    // Unknown fields, long varints or a damaged record: the general walk,
+    // which also names what is wrong.
     let mut seq = 0;
     walk(encoded, Schema::Record, &mut |path, field| {
         if let (Schema::Record, 1, Field::Varint(v)) = (path, field.number, field.value) {
@@ -136,6 +141,115 @@ pub fn check_record(encoded: &[u8]) -> Result<u64, RecordError> {
     })
     .map_err(|(path, problem)| RecordError { path, problem })?;
     Ok(seq)
+}
+
+/// The check for the records every agent sends: only the fields of the
+/// schema, one-byte keys. It runs for every
+/// record on both sides of the stream (the agent's `read_batch`, the
+/// ingest's session), where the general [`walk`] with its visitor and error
+/// paths was the top of the profile. `None` means "not sure": the caller
+/// falls back to the walk, so this may refuse more than the walk but must
+/// never accept anything the walk refuses (tested below).
+mod quick {
+    #[inline(always)]
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let (&first, rest) = buf.split_first()?;
+        if first < 0x80 {
+            *buf = rest;
+            return Some(u64::from(first));
+        }
+        long_varint(buf)
+    }
+
+    #[inline(never)]
+    fn long_varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for (i, &byte) in buf.iter().take(10).enumerate() {
+            // The tenth byte holds the 64th bit only; prost refuses more.
+            if i == 9 && byte > 1 {
+                return None;
+            }
+            value |= u64::from(byte & 0x7F) << (7 * i);
+            if byte < 0x80 {
+                *buf = &buf[i + 1..];
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    #[inline(always)]
+    fn delimited<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = varint(buf)?;
+        if len > buf.len() as u64 {
+            return None;
+        }
+        let (body, rest) = buf.split_at(len as usize);
+        *buf = rest;
+        Some(body)
+    }
+
+    #[inline(always)]
+    fn utf8(text: &[u8]) -> Option<()> {
+        (text.is_ascii() || std::str::from_utf8(text).is_ok()).then_some(())
+    }
+
+    /// Returns the record's `seq` (the last one, as protobuf decodes it).
+    pub(super) fn record(mut buf: &[u8]) -> Option<u64> {
+        let mut seq = 0;
+        while let Some((&key, rest)) = buf.split_first() {
+            buf = rest;
+            match key {
+                0x08 => seq = varint(&mut buf)?,            // seq
+                0x12 | 0x1A => utf8(delimited(&mut buf)?)?, // source, device_id
+                0x20 => drop(varint(&mut buf)?),            // timestamp_ns
+                0x2A => signals(delimited(&mut buf)?)?,
+                0x32 => raw(delimited(&mut buf)?)?,
+                _ => return None,
+            }
+        }
+        Some(seq)
+    }
+
+    fn signals(mut buf: &[u8]) -> Option<()> {
+        while let Some((&key, rest)) = buf.split_first() {
+            buf = rest;
+            match key {
+                0x0A => signal(delimited(&mut buf)?)?,
+                _ => return None,
+            }
+        }
+        Some(())
+    }
+
+    #[inline(always)]
+    fn signal(mut buf: &[u8]) -> Option<()> {
+        while let Some((&key, rest)) = buf.split_first() {
+            buf = rest;
+            match key {
+                // name, str, unit, label
+                0x0A | 0x2A | 0x32 | 0x3A => utf8(delimited(&mut buf)?)?,
+                // f64 (fixed64)
+                0x11 => buf = buf.get(8..)?,
+                // i64, bool
+                0x18 | 0x20 => drop(varint(&mut buf)?),
+                _ => return None,
+            }
+        }
+        Some(())
+    }
+
+    fn raw(mut buf: &[u8]) -> Option<()> {
+        while let Some((&key, rest)) = buf.split_first() {
+            buf = rest;
+            match key {
+                0x0A => drop(delimited(&mut buf)?),  // data
+                0x12 => utf8(delimited(&mut buf)?)?, // content_type
+                _ => return None,
+            }
+        }
+        Some(())
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -418,6 +532,41 @@ mod tests {
         #[test]
         fn every_encoded_record_checks_with_its_seq(record in arb_record()) {
             prop_assert_eq!(check_record(&record.encode_to_vec()), Ok(record.seq));
+        }
+
+        /// The quick check takes every record an agent makes, so the walk
+        /// is only the fallback.
+        #[test]
+        fn the_quick_check_takes_every_well_formed_record(record in arb_record()) {
+            prop_assert_eq!(quick::record(&record.encode_to_vec()), Some(record.seq));
+        }
+
+        /// The quick check never accepts what the general walk refuses, and
+        /// reads the same `seq` (damaged records as below).
+        #[test]
+        fn the_quick_check_accepts_nothing_the_walk_refuses(
+            record in arb_record(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = record.encode_to_vec();
+            for (at, value) in flips {
+                if !bytes.is_empty() {
+                    let i = at.index(bytes.len());
+                    bytes[i] = value;
+                }
+            }
+            bytes.truncate(cut.index(bytes.len() + 1));
+            if let Some(seq) = quick::record(&bytes) {
+                let mut walked = 0;
+                let result = walk(&bytes, Schema::Record, &mut |path, field| {
+                    if let (Schema::Record, 1, Field::Varint(v)) = (path, field.number, field.value) {
+                        walked = v;
+                    }
+                });
+                prop_assert!(result.is_ok(), "quick accepted, walk refused: {:?}", result);
+                prop_assert_eq!(walked, seq);
+            }
         }
 
         /// The promise the ingest relies on: what the check accepts, prost
