@@ -87,6 +87,8 @@ pub(crate) struct Committer {
     stalled: Option<Op>,
     /// The segment of the current group, reused across groups.
     segment: Vec<u8>,
+    /// Encoded lengths of the records of one append, reused.
+    lens: Vec<usize>,
     /// The last fingerprint per dedupe key, as committed ([`DedupeLog`]).
     dedupe: HashMap<Vec<u8>, [u8; 16]>,
     dedupe_log: DedupeLog,
@@ -230,6 +232,7 @@ impl Committer {
             dead_n: 0,
             stalled: None,
             segment: Vec::new(),
+            lens: Vec::new(),
             dedupe,
             dedupe_log,
         }
@@ -386,12 +389,18 @@ impl Committer {
     ) {
         // Sizes as stored: without the sequence number (it is implied by
         // the position in the segment), length-delimited, with a header.
-        let total: u64 = records
-            .iter_mut()
-            .map(|r| {
-                r.record.seq = 0;
-                segment::stored_len(r.record.encoded_len()) as u64
-            })
+        // Each record's length is computed once here: for a record of
+        // signals that walks every nested message, and it was the top of
+        // this thread's profile when done again for the push.
+        let mut lens = std::mem::take(&mut self.lens);
+        lens.clear();
+        lens.extend(records.iter_mut().map(|r| {
+            r.record.seq = 0;
+            r.record.encoded_len()
+        }));
+        let total: u64 = lens
+            .iter()
+            .map(|&len| segment::stored_len(len) as u64)
             .sum::<u64>()
             + segment::HEADER_LEN as u64;
         if total > self.options.max_bytes {
@@ -399,16 +408,18 @@ impl Committer {
                 bytes: total,
                 cap: self.options.max_bytes,
             }));
+            self.lens = lens;
             return;
         }
         if self.options.when_full == FullPolicy::Block
             && self.levels.bytes + total > self.options.max_bytes
         {
             self.stalled = Some(Op::Append { records, reply });
+            self.lens = lens;
             return;
         }
         let mut outcomes = Vec::with_capacity(records.len());
-        for incoming in records {
+        for (incoming, &len) in records.into_iter().zip(&lens) {
             let Incoming { record, dedupe } = incoming;
             if let Some(d) = dedupe {
                 let seen = group.dedupe.get(&d.key).or_else(|| self.dedupe.get(&d.key));
@@ -424,7 +435,7 @@ impl Committer {
             } else {
                 0
             };
-            let size = segment::stored_len(record.encoded_len()) as u64 + header;
+            let size = segment::stored_len(len) as u64 + header;
             if self.levels.bytes + size > self.options.max_bytes && !self.make_room(size, group) {
                 self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
                 outcomes.push(Outcome::Dropped);
@@ -437,7 +448,7 @@ impl Committer {
                 segment::start(&mut self.segment);
                 group.segment_first = seq;
             }
-            let pushed = segment::push(&mut self.segment, &record) as u64;
+            let pushed = segment::push(&mut self.segment, &record, len) as u64;
             debug_assert_eq!(pushed + header, size);
             group.segment_records += 1;
             self.levels.next_seq += 1;
@@ -449,6 +460,7 @@ impl Committer {
             outcomes.push(Outcome::Stored(seq));
         }
         group.appends.push((reply, outcomes));
+        self.lens = lens;
     }
 
     /// `DropOldest`: deletes the oldest segments that were never handed to

@@ -53,12 +53,13 @@ pub fn stored_len(encoded_len: usize) -> usize {
     prost::encoding::encoded_len_varint(encoded_len as u64) + encoded_len
 }
 
-/// Appends a record; returns the bytes it took.
-pub fn push(buf: &mut Vec<u8>, record: &Record) -> usize {
+/// Appends a record whose `encoded_len()` is `len`; returns the bytes it
+/// took.
+pub fn push(buf: &mut Vec<u8>, record: &Record, len: usize) -> usize {
+    debug_assert_eq!(record.encoded_len(), len);
     let before = buf.len();
-    record
-        .encode_length_delimited(buf)
-        .expect("a Vec grows as needed");
+    prost::encoding::encode_varint(len as u64, buf);
+    record.encode_raw(buf);
     buf.len() - before
 }
 
