@@ -149,10 +149,10 @@ fn walk_record(encoded: &[u8]) -> Result<u64, WalkError> {
 }
 
 /// The check for the records every agent sends: only the fields of the
-/// schema, one-byte keys. It runs for every
-/// record on both sides of the stream (the agent's `read_batch`, the
-/// ingest's session), where the general [`walk`] with its visitor and error
-/// paths was the top of the profile. `None` means "not sure": the caller
+/// schema, one-byte keys. It runs for every record on both sides of the
+/// stream (the agent's `read_batch`, the ingest's session), where the
+/// general [`walk`] with its visitor and error paths was the top of the
+/// profile. `None` means "not sure": the caller
 /// falls back to the walk, so this may refuse more than the walk but must
 /// never accept anything the walk refuses (tested below).
 mod quick {
