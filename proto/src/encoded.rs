@@ -533,21 +533,24 @@ mod tests {
             })
     }
 
-    /// `record` encoded, with bytes overwritten at `flips`, cut at `cut`.
-    fn damaged(
-        record: &Record,
-        flips: Vec<(prop::sample::Index, u8)>,
-        cut: prop::sample::Index,
-    ) -> Vec<u8> {
-        let mut bytes = record.encode_to_vec();
-        if !bytes.is_empty() {
-            for (at, value) in flips {
-                let i = at.index(bytes.len());
-                bytes[i] = value;
-            }
-        }
-        bytes.truncate(cut.index(bytes.len() + 1));
-        bytes
+    /// Encoded records with a few bytes overwritten, then cut somewhere.
+    fn arb_damaged_record() -> impl Strategy<Value = Vec<u8>> {
+        (
+            arb_record(),
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            any::<prop::sample::Index>(),
+        )
+            .prop_map(|(record, flips, cut)| {
+                let mut bytes = record.encode_to_vec();
+                if !bytes.is_empty() {
+                    for (at, value) in flips {
+                        let i = at.index(bytes.len());
+                        bytes[i] = value;
+                    }
+                }
+                bytes.truncate(cut.index(bytes.len() + 1));
+                bytes
+            })
     }
 
     proptest! {
@@ -566,12 +569,7 @@ mod tests {
         /// The quick check never accepts what the general walk refuses, and
         /// reads the same `seq` (damaged records as below).
         #[test]
-        fn the_quick_check_accepts_nothing_the_walk_refuses(
-            record in arb_record(),
-            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
-            cut in any::<prop::sample::Index>(),
-        ) {
-            let bytes = damaged(&record, flips, cut);
+        fn the_quick_check_accepts_nothing_the_walk_refuses(bytes in arb_damaged_record()) {
             if let Some(seq) = quick::record(&bytes) {
                 prop_assert_eq!(walk_record(&bytes), Ok(seq), "quick accepted");
             }
@@ -580,12 +578,7 @@ mod tests {
         /// The promise the ingest relies on: what the check accepts, prost
         /// decodes (damaged records from flipped and cut bytes).
         #[test]
-        fn whatever_checks_decodes(
-            record in arb_record(),
-            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
-            cut in any::<prop::sample::Index>(),
-        ) {
-            let bytes = damaged(&record, flips, cut);
+        fn whatever_checks_decodes(bytes in arb_damaged_record()) {
             if let Ok(seq) = check_record(&bytes) {
                 let decoded = Record::decode(bytes.as_slice());
                 prop_assert!(decoded.is_ok(), "checked but does not decode: {:?}", decoded);
