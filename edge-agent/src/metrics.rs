@@ -48,6 +48,7 @@ pub struct Metrics {
     decode_errors: Family<SourceLabel, Counter>,
     source_reconnects: Family<SourceLabel, Counter>,
     source_up: Family<SourceLabel, Gauge>,
+    source_queued: Family<SourceLabel, Gauge>,
     dropped: Family<ReasonLabel, Counter>,
     records_acked: Counter,
     uplink_reconnects: Counter,
@@ -87,6 +88,7 @@ impl Metrics {
             decode_errors: Family::default(),
             source_reconnects: Family::default(),
             source_up: Family::default(),
+            source_queued: Family::default(),
             dropped: Family::default(),
             records_acked: Counter::default(),
             uplink_reconnects: Counter::default(),
@@ -128,6 +130,11 @@ impl Metrics {
             "source_up",
             "1 while the source is connected",
             m.source_up.clone(),
+        );
+        r.register(
+            "source_queued_messages",
+            "Messages a source has received and not yet handed to the buffer (bounded: at its bound the source stops reading)",
+            m.source_queued.clone(),
         );
         r.register(
             "dropped_records",
@@ -225,6 +232,14 @@ impl Metrics {
                 source: source.into(),
             })
             .set(up as i64);
+    }
+    /// The source's queue gauge, to set as often as its queue changes.
+    pub fn source_queued(&self, source: &str) -> Gauge {
+        self.source_queued
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .clone()
     }
     /// Whether a source last reported itself up (MQTT: subscribed).
     pub fn source_is_up(&self, source: &str) -> bool {

@@ -177,6 +177,11 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> anyhow::Result<Mosquitto> {
+        Self::with_window(dir, 1000)
+    }
+
+    /// With `max_inflight_messages` set to `window` (0: no limit).
+    pub fn with_window(dir: &Path, window: u32) -> anyhow::Result<Mosquitto> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -189,7 +194,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000000\nmax_inflight_messages {window}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
             ),
         )?;
         let proc = Proc::spawn(
@@ -327,6 +332,11 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn new(agent_ids: &[&str]) -> anyhow::Result<Fleet> {
+        Self::with_broker_window(agent_ids, 1000)
+    }
+
+    /// A fleet whose broker has this in-flight window (0: no limit).
+    pub fn with_broker_window(agent_ids: &[&str], window: u32) -> anyhow::Result<Fleet> {
         let dir = tempfile::tempdir()?;
         let ids: Vec<String> = agent_ids.iter().map(|s| s.to_string()).collect();
         let pki = edgefleet_pki::dev::init(
@@ -334,7 +344,7 @@ impl Fleet {
             &ids,
             &["localhost".into(), "127.0.0.1".into()],
         )?;
-        let mqtt = Mosquitto::start(dir.path())?;
+        let mqtt = Mosquitto::with_window(dir.path(), window)?;
         Ok(Fleet {
             store: dir.path().join("store"),
             pki,

@@ -277,6 +277,55 @@ fn with_the_ingest_down_the_agent_buffers_then_drains_and_counts_drops_exactly()
 }
 
 #[test]
+fn a_stalled_buffer_bounds_what_the_agent_holds_and_the_broker_keeps_the_rest() {
+    // A broker with no in-flight window sends everything at once; the agent
+    // must hold at most its source queue (`PROCESSOR_QUEUE + MAX_WAITING` in
+    // edge-agent/src/sources/mqtt.rs) and leave the rest with the broker.
+    const QUEUE_BOUND: f64 = (4096 + 1024) as f64;
+    let mut fleet = Fleet::with_broker_window(&["gw-1"], 0).unwrap();
+    let mut agent = AgentOptions::new("gw-1");
+    // The ingest is down and the buffer small and blocking: appends stall
+    // once it is full.
+    agent.max_bytes = "1MiB".into();
+    agent.when_full = "block";
+    let proc = fleet.start_agent(&agent).unwrap();
+    let (devices, messages) = (4, 10_000);
+    let published = fleet
+        .publish(devices, messages, 0, 0)
+        .unwrap()
+        .wait(Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(published, u64::from(devices) * messages);
+    let queued = || agent_metric(&agent, "edge_source_queued_messages", "source=\"mqtt\"");
+    let buffered = || agent_metric(&agent, "edge_records_in_total", "source=\"mqtt\"");
+    // Stalled: the buffer took what fits and the queue is full.
+    assert!(
+        wait_until(Duration::from_secs(60), || queued() >= QUEUE_BOUND),
+        "queued {} of {QUEUE_BOUND}; agent log:\n{}",
+        queued(),
+        proc.log_text()
+    );
+    for _ in 0..10 {
+        let held = queued();
+        assert!(held <= QUEUE_BOUND, "the agent queued {held} messages");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Buffered + queued + at most 4 appends of 2,048 in flight: the rest is
+    // still with the broker.
+    let in_agent = buffered() + queued() + (4 * 2048) as f64;
+    assert!(
+        in_agent < published as f64,
+        "the agent holds {in_agent} of {published}: nothing was left with the broker"
+    );
+    // The ingest comes up: everything arrives, once.
+    fleet.start_ingest().unwrap();
+    wait_all_stored(&fleet, published);
+    assert_eq!(queued(), 0.0);
+    let d = final_delivery(&mut fleet, devices, messages, |_| false);
+    assert_eq!((d.stored, d.duplicates, d.lost), (published, 0, 0), "{d:?}");
+}
+
+#[test]
 fn malformed_payloads_are_dead_lettered_and_the_rest_flows() {
     let mut fleet = Fleet::new(&["gw-1"]).unwrap();
     fleet.start_ingest().unwrap();

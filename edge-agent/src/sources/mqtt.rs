@@ -56,6 +56,14 @@ struct Route {
 const MAX_APPENDS_IN_FLIGHT: usize = 4;
 /// Messages taken into one append.
 const MAX_MESSAGES_PER_APPEND: usize = 2048;
+/// The processor's queue: two appends' worth.
+const PROCESSOR_QUEUE: usize = 2 * MAX_MESSAGES_PER_APPEND;
+/// Messages held beyond the processor's queue. At this many the source stops
+/// reading from the broker until the processor catches up. The broker's
+/// in-flight window is the broker's setting (it may have none), and without
+/// this bound a slow disk grew the agent's memory instead of the broker's
+/// queue (BENCHMARKS.md, "Memory").
+const MAX_WAITING: usize = 1024;
 
 async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> {
     let name = config.name.clone();
@@ -90,7 +98,7 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
             })
             .collect(),
     );
-    let (tx, rx) = mpsc::channel::<Publish>(8192);
+    let (tx, rx) = mpsc::channel::<Publish>(PROCESSOR_QUEUE);
     let mut processor = tokio::spawn(process(
         rx,
         client.clone(),
@@ -101,13 +109,15 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let label = name.clone();
     // QoS 1 messages the processor has no room for yet, in arrival order.
-    // The event loop must keep turning meanwhile: the processor's PUBACKs go
-    // out through it, and waiting here for the processor while it waits for
-    // the event loop to take its PUBACKs would stall both for good. The
-    // broker's in-flight window (unacknowledged QoS 1 messages per client)
-    // bounds how much can pile up here.
+    // The event loop keeps turning meanwhile, so keepalives and the
+    // processor's PUBACKs go out. At `MAX_WAITING` it is left alone until
+    // the processor catches up: the socket is not read and TCP pushes back
+    // on the broker. The processor never waits for the event loop (its
+    // PUBACKs wait in `Acks`), so it always drains this queue.
     let mut overflow: VecDeque<Publish> = VecDeque::new();
+    let queued = ctx.metrics.source_queued(&name);
     loop {
+        queued.set((overflow.len() + PROCESSOR_QUEUE - tx.capacity()) as i64);
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             permit = tx.reserve(), if !overflow.is_empty() => match permit {
@@ -118,7 +128,7 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
                 }
                 Err(_) => break,
             },
-            event = eventloop.poll() => match event {
+            event = eventloop.poll(), if overflow.len() < MAX_WAITING => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     tracing::info!(source = %name, host = %config.host, port = config.port, session_present = ack.session_present, "MQTT connected");
                     backoff.reset();
@@ -177,6 +187,7 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
             }
         }
     }
+    queued.set(0);
     // Shutdown: take no more messages, let the processor make the received
     // ones durable and acknowledge them, and keep the event loop turning so
     // those acknowledgements reach the broker. Unacknowledged messages stay
@@ -265,7 +276,7 @@ fn mqtt_options(config: &MqttConfig) -> Result<MqttOptions, String> {
 type Pending = BoxFuture<
     'static,
     (
-        Vec<Publish>,
+        Vec<u16>,
         Result<Vec<Option<Outcome>>, edgefleet_buffer::BufferError>,
     ),
 >;
@@ -279,13 +290,17 @@ async fn process(
     name: String,
 ) {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut acks = Acks::default();
     let mut open = true;
     while open || !pending.is_empty() {
         tokio::select! {
             biased;
-            Some((publishes, result)) = pending.next(), if !pending.is_empty() => {
-                acknowledge(&client, &ctx, &name, publishes, result).await;
+            Some((packet_ids, result)) = pending.next(), if !pending.is_empty() => {
+                acknowledge(&client, &ctx, &name, &mut acks, packet_ids, result).await;
             }
+            // The client's request queue was full: try again shortly (the
+            // event loop empties it whenever the source reads the broker).
+            _ = tokio::time::sleep(ACK_RETRY), if !acks.is_empty() => acks.send(&client),
             first = rx.recv(), if open && pending.len() < MAX_APPENDS_IN_FLIGHT => {
                 let Some(first) = first else { open = false; continue };
                 let mut publishes = vec![first];
@@ -299,6 +314,60 @@ async fn process(
             }
         }
     }
+    // Shutdown: the source keeps the event loop turning until this returns.
+    let _ = tokio::time::timeout(Duration::from_secs(5), acks.drain(&client)).await;
+}
+
+const ACK_RETRY: Duration = Duration::from_millis(10);
+
+/// PUBACKs not yet taken by the client (packet ids of QoS 1 messages), in
+/// the order MQTT requires (that of the messages). Sent without waiting: a
+/// processor that waited for the client's request queue would wait for the
+/// event loop, which the source leaves alone while the processor is behind.
+/// rumqttc sends one request per turn of its event loop, after every packet
+/// it has read, so PUBACKs lag behind a busy broker; a packet id is all
+/// each one keeps, and MQTT allows at most 65,535 unacknowledged messages.
+#[derive(Default)]
+struct Acks(VecDeque<u16>);
+
+impl Acks {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn push(&mut self, client: &AsyncClient, packet_ids: Vec<u16>) {
+        self.0.extend(packet_ids);
+        self.send(client);
+    }
+
+    fn send(&mut self, client: &AsyncClient) {
+        while let Some(&pkid) = self.0.front() {
+            // Fails when the queue is full, or closed (the event loop is
+            // gone, and the broker will redeliver to the next connection).
+            if client.try_ack(&ack_of(pkid)).is_err() {
+                return;
+            }
+            self.0.pop_front();
+        }
+    }
+
+    async fn drain(&mut self, client: &AsyncClient) {
+        while let Some(pkid) = self.0.pop_front() {
+            if client.ack(&ack_of(pkid)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A message to hand rumqttc's `ack`, which reads only its QoS and packet
+/// id: no topic or payload (the payload shares an allocation with the
+/// client's read buffer, so holding messages until their append was durable
+/// held whole read buffers).
+fn ack_of(pkid: u16) -> Publish {
+    let mut publish = Publish::new("", QoS::AtLeastOnce, Vec::new());
+    publish.pkid = pkid;
+    publish
 }
 
 fn append(ctx: &SourceContext, routes: &[Route], name: &str, publishes: Vec<Publish>) -> Pending {
@@ -334,6 +403,13 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, publishes: Vec<Publ
             }
         }
     }
+    // Only QoS 1 messages are acknowledged (subscriptions are QoS 0 or 1).
+    let packet_ids: Vec<u16> = publishes
+        .iter()
+        .filter(|p| p.qos != QoS::AtMostOnce)
+        .map(|p| p.pkid)
+        .collect();
+    drop(publishes);
     let buffer = ctx.buffer.clone();
     Box::pin(async move {
         let result = if incoming.is_empty() {
@@ -348,7 +424,7 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, publishes: Vec<Publ
                 .map(|decoded| if decoded { outcomes.next() } else { None })
                 .collect()
         });
-        (publishes, result)
+        (packet_ids, result)
     })
 }
 
@@ -356,7 +432,8 @@ async fn acknowledge(
     client: &AsyncClient,
     ctx: &SourceContext,
     name: &str,
-    publishes: Vec<Publish>,
+    acks: &mut Acks,
+    packet_ids: Vec<u16>,
     result: Result<Vec<Option<Outcome>>, edgefleet_buffer::BufferError>,
 ) {
     match result {
@@ -366,16 +443,12 @@ async fn acknowledge(
                 .filter(|o| matches!(o, Some(Outcome::Stored(_))))
                 .count();
             ctx.metrics.records_in(name, stored as u64);
-            for publish in &publishes {
-                if let Err(e) = client.ack(publish).await {
-                    tracing::debug!(source = %name, error = %e, "ack not sent; the broker will redeliver");
-                }
-            }
+            acks.push(client, packet_ids);
         }
         Err(e) => {
             // Not acknowledged, so the broker keeps the messages; reconnect so
             // it redelivers them once the buffer can take them again.
-            tracing::error!(source = %name, error = %e, messages = publishes.len(), "cannot buffer messages; leaving them with the broker");
+            tracing::error!(source = %name, error = %e, messages = packet_ids.len(), "cannot buffer messages; leaving them with the broker");
             ctx.metrics.dropped("buffer_error_retried", 0);
             tokio::time::sleep(Duration::from_secs(1)).await;
             let _ = client.try_disconnect();
