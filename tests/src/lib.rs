@@ -176,11 +176,7 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    pub fn start(dir: &Path) -> anyhow::Result<Mosquitto> {
-        Self::with_window(dir, 1000)
-    }
-
-    /// With `max_inflight_messages` set to `window` (0: no limit).
+    /// Started with `max_inflight_messages` set to `window` (0: no limit).
     pub fn with_window(dir: &Path, window: u32) -> anyhow::Result<Mosquitto> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
