@@ -130,7 +130,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
             "MiB",
         );
     }
-    result.note("Binary sizes are of the binaries this harness ran (x86_64, the `release` profile, with line tables); the shipped `edge` profile and the static aarch64 build are measured in the binary-size section.");
+    result.note("Binary sizes are of the binaries this run measured (x86_64; the `release` profile carries line tables); the static aarch64 build is measured in the binary-size section.");
     result.note("Start → first record: devices are already publishing 1,000 msg/s when the agent process is spawned; the ingest is up.");
     result
         .throughput

@@ -27,6 +27,7 @@ use crate::{keys, segment};
 use crate::{
     BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Incoming, Levels, Outcome,
 };
+use edgefleet_sled_sync::DiskSync;
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
 
@@ -73,6 +74,8 @@ pub enum AnchorOutcome {
 
 pub(crate) struct Committer {
     tree: sled::Db,
+    /// What sled's flush leaves unsynced (see `edgefleet_sled_sync`).
+    disk: DiskSync,
     options: BufferOptions,
     levels: Levels,
     levels_tx: watch::Sender<Levels>,
@@ -207,6 +210,7 @@ struct Group {
 impl Committer {
     pub fn new(
         tree: sled::Db,
+        disk: DiskSync,
         options: BufferOptions,
         levels: Levels,
         levels_tx: watch::Sender<Levels>,
@@ -222,6 +226,7 @@ impl Committer {
         let (dedupe, dedupe_log) = load_dedupe(&tree);
         Self {
             tree,
+            disk,
             options,
             levels,
             levels_tx,
@@ -303,7 +308,7 @@ impl Committer {
             self.commit(group);
             match barrier {
                 Some(Op::Close { reply }) => {
-                    let _ = self.tree.flush();
+                    let _ = self.flush();
                     let _ = reply.send(());
                     return;
                 }
@@ -316,7 +321,14 @@ impl Committer {
                 _ => {}
             }
         }
-        let _ = self.tree.flush();
+        let _ = self.flush();
+    }
+
+    /// sled's flush, then what it leaves unsynced: what is durable after
+    /// this survives a power cut, not only a crash.
+    fn flush(&self) -> sled::Result<()> {
+        self.tree.flush()?;
+        self.disk.sync().map_err(sled::Error::Io)
     }
 
     /// Close and Anchor end the group (they must see everything before them
@@ -619,7 +631,7 @@ impl Committer {
             .insert(keys::META_ACKED, &l.acked_through.to_be_bytes());
         let result = self.tree.apply_batch(group.batch).and_then(|()| {
             if group.needs_flush {
-                self.tree.flush().map(|_| ())
+                self.flush()
             } else {
                 Ok(())
             }
@@ -754,7 +766,7 @@ impl Committer {
         batch.insert(keys::META_SENT_RESERVED, &0u64.to_be_bytes());
         self.tree
             .apply_batch(batch)
-            .and_then(|()| self.tree.flush().map(|_| ()))
+            .and_then(|()| self.flush())
             .map_err(|e| BufferError::WriteFailed(e.to_string()))?;
         self.sent_reserved = 0;
         self.handed_floor = 0;

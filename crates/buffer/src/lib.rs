@@ -223,6 +223,13 @@ impl Buffer {
     /// Blocking: call from a blocking context or at start-up.
     pub fn open(options: BufferOptions) -> Result<(Buffer, OpenReport), BufferError> {
         let (tree, report, levels) = open::open_or_quarantine(&options)?;
+        let disk =
+            edgefleet_sled_sync::DiskSync::open(&options.buffer_dir()).map_err(|source| {
+                BufferError::Io {
+                    dir: options.buffer_dir(),
+                    source,
+                }
+            })?;
         let counters = Arc::new(Counters::default());
         let (levels_tx, levels_rx) = watch::channel(levels);
         let (control_tx, control_rx) = flume::unbounded();
@@ -231,6 +238,7 @@ impl Buffer {
         let (appends_tx, appends_rx) = flume::bounded(256);
         let committer = committer::Committer::new(
             tree.clone(),
+            disk,
             options.clone(),
             levels,
             levels_tx,

@@ -749,3 +749,45 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
     assert_eq!(stored(&older).len(), 1);
     assert_eq!(buffer.stats().duplicates_total, 4);
 }
+
+/// Durable must mean on the disk, not in the page cache: sled writes a page
+/// too large for its log to a file of its own and never syncs it, so a power
+/// cut would lose records the buffer had reported durable (and the source
+/// acknowledged upstream).
+#[tokio::test]
+async fn what_an_append_reports_durable_is_not_left_dirty_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    // One group of ~400 KiB: over the quarter of a 512 KiB log segment that
+    // sled keeps in its log, so it becomes a blob file.
+    let payload = vec![0x5a; 200];
+    let outcomes = buffer
+        .append((0..2_000).map(|_| record("d1", &payload)).collect())
+        .await
+        .unwrap();
+    assert_eq!(stored(&outcomes).len(), 2_000);
+    let sled_dir = dir.path().join("buffer");
+    let blobs = if sled_dir.join("blobs").is_dir() {
+        walk(&sled_dir.join("blobs"))
+    } else {
+        Vec::new()
+    };
+    assert!(
+        !blobs.is_empty(),
+        "the test needs sled to have written a blob file; it wrote none"
+    );
+    for file in blobs.iter().chain([&sled_dir.join("db")]) {
+        let dirty = edgefleet_sled_sync::dirty_pages(file).unwrap_or_else(|e| {
+            panic!(
+                "cachestat(2) on {}: {e} (it needs Linux 6.5+)",
+                file.display()
+            )
+        });
+        assert_eq!(
+            dirty,
+            0,
+            "{} has dirty pages after the append was reported durable",
+            file.display()
+        );
+    }
+}

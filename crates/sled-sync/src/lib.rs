@@ -1,0 +1,176 @@
+//! Makes what a sled 0.34 database has flushed survive a power cut, not only
+//! a crash of the process.
+//!
+//! `sled::Db::flush` makes its log writes durable with `sync_file_range`,
+//! which writes the file's pages but neither its size (the log grows by
+//! appending) nor the disk's volatile write cache, and it writes a page too
+//! large for a quarter of a log segment to a file of its own under `blobs/`
+//! with no sync at all. None of that is lost when the process dies, because
+//! the kernel's page cache outlives it; all of it can be lost when the power
+//! goes, which on an edge gateway is the usual way to stop. Whoever promises
+//! durability after a flush (the agent's buffer before an MQTT PUBACK, the
+//! ingest's store before a gRPC ack) calls [`DiskSync::sync`] after it.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The files of one sled database directory that a flush leaves unsynced.
+#[derive(Debug)]
+pub struct DiskSync {
+    log: File,
+    blobs: PathBuf,
+    /// Blob files already synced. Rebuilt from each listing, so the names
+    /// of blobs sled has since deleted do not accumulate.
+    synced: Mutex<HashSet<OsString>>,
+}
+
+impl DiskSync {
+    /// For the database sled opened in `dir`. Syncs what is there already
+    /// (what was written while opening, e.g. a new database's first keys)
+    /// and `dir` itself, so the entries of a database created just now are
+    /// durable too.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let disk = Self {
+            log: File::open(dir.join("db"))?,
+            blobs: dir.join("blobs"),
+            synced: Mutex::new(HashSet::new()),
+        };
+        disk.sync()?;
+        File::open(dir)?.sync_all()?;
+        Ok(disk)
+    }
+
+    /// Call after `sled::Db::flush`: syncs the blob files written since the
+    /// last call, the blob directory when it gained any, and the log file
+    /// with its size.
+    pub fn sync(&self) -> io::Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        let mut listed = HashSet::with_capacity(synced.len());
+        let mut new_blobs = false;
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => Some(entries),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        for entry in entries.into_iter().flatten() {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(file) => file.sync_all()?,
+                    // sled deleted it between the listing and the open.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new_blobs = true;
+            }
+            listed.insert(name);
+        }
+        if new_blobs {
+            File::open(&self.blobs)?.sync_all()?;
+        }
+        *synced = listed;
+        self.log.sync_data()
+    }
+}
+
+/// Pages of `path` the kernel still holds dirty, from `cachestat(2)`
+/// (Linux 6.5 and later): the one thing a process can observe of whether
+/// a file's data reached the disk. Tests use it to check that what was
+/// promised durable is not still waiting in memory.
+pub fn dirty_pages(path: &Path) -> io::Result<u64> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    // The kernel's layout; only `nr_dirty` and `nr_writeback` are read.
+    #[allow(dead_code)]
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    use std::os::fd::AsRawFd;
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let file = File::open(path)?;
+    let range = Range { off: 0, len: 0 };
+    let mut stat = Stat::default();
+    // SAFETY: both pointers are to live, correctly laid out structs.
+    let ret = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.nr_dirty + stat.nr_writeback)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_blob_file_sled_left_dirty_is_on_disk_after_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = std::fs::File::create(dir.path().join("db")).unwrap();
+        drop(db);
+        let disk = DiskSync::open(dir.path()).unwrap();
+        // What sled does for a large page: a new file, written, not synced.
+        std::fs::create_dir(dir.path().join("blobs")).unwrap();
+        let blob = dir.path().join("blobs").join("4096");
+        let mut file = File::create(&blob).unwrap();
+        file.write_all(&vec![7u8; 256 << 10]).unwrap();
+        drop(file);
+        let before = match dirty_pages(&blob) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                panic!("this kernel has no cachestat(2) (Linux 6.5+), which this test needs to see dirty pages")
+            }
+            Err(e) => panic!("cachestat: {e}"),
+        };
+        assert!(
+            before > 0,
+            "the new blob should still be dirty in the page cache"
+        );
+        disk.sync().unwrap();
+        assert_eq!(dirty_pages(&blob).unwrap(), 0, "sync left blob pages dirty");
+    }
+
+    #[test]
+    fn blobs_deleted_since_the_last_sync_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        File::create(dir.path().join("db")).unwrap();
+        std::fs::create_dir(dir.path().join("blobs")).unwrap();
+        let disk = DiskSync::open(dir.path()).unwrap();
+        let blob = dir.path().join("blobs").join("1");
+        std::fs::write(&blob, b"x").unwrap();
+        disk.sync().unwrap();
+        assert_eq!(disk.synced.lock().unwrap().len(), 1);
+        std::fs::remove_file(&blob).unwrap();
+        disk.sync().unwrap();
+        assert!(disk.synced.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_database_without_a_blob_directory_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        File::create(dir.path().join("db")).unwrap();
+        DiskSync::open(dir.path()).unwrap().sync().unwrap();
+    }
+}
