@@ -144,6 +144,13 @@ impl EmbeddedStore {
 
     /// Makes everything written so far durable, across a power cut too.
     pub fn flush(&self) -> Result<(), SinkError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush_locked()
+    }
+
+    /// `flush` for a caller that holds `write_lock`: `DiskSync` must not
+    /// list sled's blob files while another writer may be writing one.
+    fn flush_locked(&self) -> Result<(), SinkError> {
         self.db.flush().map_err(|e| self.io(e))?;
         self.disk.sync().map_err(|e| self.io(sled::Error::Io(e)))
     }
@@ -393,7 +400,7 @@ impl Sink for EmbeddedStore {
         }
         batch.insert(META_BYTES, &total.to_be_bytes());
         self.tree.apply_batch(batch).map_err(|e| self.io(e))?;
-        self.flush()
+        self.flush_locked()
     }
 }
 

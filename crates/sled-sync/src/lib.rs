@@ -12,20 +12,31 @@
 //! ingest's store before a gRPC ack) calls [`DiskSync::sync`] after it.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// The files of one sled database directory that a flush leaves unsynced.
+///
+/// A blob file is synced once, so [`DiskSync::sync`] must not run while
+/// another thread may be writing to the database (it could sync a blob
+/// half-written and never again): the buffer has a single writer thread,
+/// the ingest's store flushes under its write lock.
 #[derive(Debug)]
 pub struct DiskSync {
     log: File,
     blobs: PathBuf,
-    /// Blob files already synced. Rebuilt from each listing, so the names
-    /// of blobs sled has since deleted do not accumulate.
-    synced: Mutex<HashSet<OsString>>,
+    synced: Mutex<Synced>,
+}
+
+/// Blob files already synced, by the log sequence number sled names them
+/// after. Rebuilt from each listing (into the spare set, so a sync does not
+/// allocate), so blobs sled has since deleted do not accumulate.
+#[derive(Debug, Default)]
+struct Synced {
+    names: HashSet<u64>,
+    spare: HashSet<u64>,
 }
 
 impl DiskSync {
@@ -37,7 +48,7 @@ impl DiskSync {
         let disk = Self {
             log: File::open(dir.join("db"))?,
             blobs: dir.join("blobs"),
-            synced: Mutex::new(HashSet::new()),
+            synced: Mutex::new(Synced::default()),
         };
         disk.sync()?;
         File::open(dir)?.sync_all()?;
@@ -49,7 +60,8 @@ impl DiskSync {
     /// with its size.
     pub fn sync(&self) -> io::Result<()> {
         let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
-        let mut listed = HashSet::with_capacity(synced.len());
+        let Synced { names, spare } = &mut *synced;
+        spare.clear();
         let mut new_blobs = false;
         let entries = match std::fs::read_dir(&self.blobs) {
             Ok(entries) => Some(entries),
@@ -58,8 +70,12 @@ impl DiskSync {
         };
         for entry in entries.into_iter().flatten() {
             let entry = entry?;
-            let name = entry.file_name();
-            if !synced.contains(&name) {
+            // Not a name sled gives (never expected): synced every time.
+            let name = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok());
+            if name.is_none_or(|n| !names.contains(&n)) {
                 match File::open(entry.path()) {
                     Ok(file) => file.sync_all()?,
                     // sled deleted it between the listing and the open.
@@ -68,12 +84,12 @@ impl DiskSync {
                 }
                 new_blobs = true;
             }
-            listed.insert(name);
+            spare.extend(name);
         }
         if new_blobs {
             File::open(&self.blobs)?.sync_all()?;
         }
-        *synced = listed;
+        std::mem::swap(names, spare);
         self.log.sync_data()
     }
 }
@@ -161,10 +177,10 @@ mod tests {
         let blob = dir.path().join("blobs").join("1");
         std::fs::write(&blob, b"x").unwrap();
         disk.sync().unwrap();
-        assert_eq!(disk.synced.lock().unwrap().len(), 1);
+        assert_eq!(disk.synced.lock().unwrap().names.len(), 1);
         std::fs::remove_file(&blob).unwrap();
         disk.sync().unwrap();
-        assert!(disk.synced.lock().unwrap().is_empty());
+        assert!(disk.synced.lock().unwrap().names.is_empty());
     }
 
     #[test]
