@@ -64,16 +64,20 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
+# The Debian kernel package the linux-image-<arch> metapackage points at.
 # apt-cache exits 100 for a package of an architecture apt does not know
 # yet (arm64 on a fresh amd64 machine); with pipefail that would end the
-# script here, before the architecture is added.
-KPKG=$(apt-cache show "linux-image-$DEBARCH" 2>/dev/null | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -1 || true)
+# script here, before the architecture is added. Its stderr is the caller's.
+kernel_package() {
+    apt-cache show "linux-image-$DEBARCH" | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -1 || true
+}
+KPKG=$(kernel_package 2>/dev/null)
 if [ -z "$KPKG" ] && [ "$ARCH" = aarch64 ]; then
     log "adding the arm64 architecture to apt"
     $SUDO dpkg --add-architecture arm64 && $SUDO apt-get update -qq
-    KPKG=$(apt-cache show "linux-image-$DEBARCH" 2>/dev/null | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -1 || true)
+    KPKG=$(kernel_package 2>/dev/null)
 fi
-[ -n "$KPKG" ] || { $SUDO apt-get update -qq; KPKG=$(apt-cache show "linux-image-$DEBARCH" | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -1 || true); }
+[ -n "$KPKG" ] || { $SUDO apt-get update -qq; KPKG=$(kernel_package); }
 [ -n "$KPKG" ] || die "cannot find the Debian kernel package for $DEBARCH"
 KDIR=$CACHE/$KPKG
 if [ ! -d "$KDIR/boot" ]; then

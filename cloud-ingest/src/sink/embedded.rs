@@ -654,22 +654,16 @@ mod tests {
                 records: (1..=5_000).map(|seq| enc(seq, "device-0001")).collect(),
             }])
             .unwrap();
-        let blobs: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
-            .map(|entries| entries.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
+        let unsynced = edgefleet_sled_sync::unsynced_files(dir.path()).unwrap();
         assert!(
-            !blobs.is_empty(),
+            unsynced.blob_files > 0,
             "the test needs a blob file; sled wrote none"
         );
-        for file in blobs.iter().chain([&dir.path().join("db")]) {
-            let dirty = edgefleet_sled_sync::dirty_pages(file).unwrap_or_else(|e| {
-                panic!(
-                    "cachestat(2) on {}: {e} (it needs Linux 6.5+)",
-                    file.display()
-                )
-            });
-            assert_eq!(dirty, 0, "{} is dirty after the commit", file.display());
-        }
+        assert!(
+            unsynced.dirty.is_empty(),
+            "dirty after the commit: {:?}",
+            unsynced.dirty
+        );
     }
 
     #[test]

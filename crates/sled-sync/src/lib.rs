@@ -136,6 +136,51 @@ pub fn dirty_pages(path: &Path) -> io::Result<u64> {
     Ok(stat.nr_dirty + stat.nr_writeback)
 }
 
+/// What [`unsynced_files`] found in a sled database directory.
+#[derive(Debug)]
+pub struct Unsynced {
+    /// Blob files in `blobs/`: a test of blob syncing needs at least one.
+    pub blob_files: usize,
+    /// Files of the database (the log, the blobs) with dirty pages, and how
+    /// many each.
+    pub dirty: Vec<(PathBuf, u64)>,
+}
+
+/// The log and blob files of the sled database in `dir` that still have
+/// pages only in memory ([`dirty_pages`]); what tests of a durability
+/// promise assert is empty.
+pub fn unsynced_files(dir: &Path) -> io::Result<Unsynced> {
+    let mut files = vec![dir.join("db")];
+    match std::fs::read_dir(dir.join("blobs")) {
+        Ok(entries) => {
+            for entry in entries {
+                files.push(entry?.path());
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut dirty = Vec::new();
+    for file in &files {
+        let pages = dirty_pages(file).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cachestat(2) on {} (it needs Linux 6.5+): {e}",
+                    file.display()
+                ),
+            )
+        })?;
+        if pages > 0 {
+            dirty.push((file.clone(), pages));
+        }
+    }
+    Ok(Unsynced {
+        blob_files: files.len() - 1,
+        dirty,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
