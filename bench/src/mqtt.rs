@@ -47,17 +47,19 @@ pub async fn publish(
     tag: &str,
 ) -> anyhow::Result<Published> {
     let started = Instant::now();
-    let mut tasks = Vec::new();
+    // A JoinSet aborts its tasks when dropped: aborting this future (the
+    // `footprint` trickle) stops every publisher, not just the waiting.
+    let mut tasks = tokio::task::JoinSet::new();
     for c in 0..clients {
         let tag = format!("bench-pub-{tag}-{c}-{}", std::process::id());
         let per_client = rate.map(|r| r / clients as f64);
-        tasks.push(tokio::spawn(publish_one(
+        tasks.spawn(publish_one(
             port, tag, c, clients, devices, duration, per_client,
-        )));
+        ));
     }
     let mut total = Published::default();
-    for t in tasks {
-        let p = t.await??;
+    while let Some(joined) = tasks.join_next().await {
+        let p = joined??;
         total.messages += p.messages;
         total.payload_bytes += p.payload_bytes;
     }
@@ -81,9 +83,11 @@ async fn publish_one(
         .set_clean_session(true);
     let (client, mut eventloop) = AsyncClient::new(options, 2000);
     let acked = Arc::new(AtomicU64::new(0));
-    let driver = {
+    // In a JoinSet of its own, so that it stops with this task if aborted.
+    let mut driver = tokio::task::JoinSet::new();
+    {
         let acked = acked.clone();
-        tokio::spawn(async move {
+        driver.spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
@@ -94,8 +98,8 @@ async fn publish_one(
                     Err(e) => return Err(anyhow::anyhow!("publisher connection: {e}")),
                 }
             }
-        })
-    };
+        });
+    }
     let start = Instant::now();
     let mut sent = 0u64;
     let mut bytes = 0u64;
@@ -137,7 +141,7 @@ async fn publish_one(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     client.disconnect().await.ok();
-    let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), driver.join_next()).await;
     Ok(Published {
         messages: sent,
         payload_bytes: bytes,
