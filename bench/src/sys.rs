@@ -140,3 +140,17 @@ impl Machine {
         )
     }
 }
+
+/// Drops a file's clean pages from the page cache (`POSIX_FADV_DONTNEED`),
+/// so that the next process to map it reads it from disk.
+pub fn drop_from_page_cache(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path)?;
+    // SAFETY: a valid descriptor; the call only advises the kernel.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
