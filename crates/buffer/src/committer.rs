@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::sync::{oneshot, watch};
 
+use crate::dedupe::{self, DedupeMemory};
 use crate::{keys, segment};
 use crate::{
     BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Incoming, Levels, Outcome,
@@ -93,7 +94,7 @@ pub(crate) struct Committer {
     /// Encoded lengths of the records of one append, reused.
     lens: Vec<usize>,
     /// The last fingerprint per dedupe key, as committed ([`DedupeLog`]).
-    dedupe: HashMap<Vec<u8>, [u8; 16]>,
+    dedupe: DedupeMemory,
     dedupe_log: DedupeLog,
 }
 
@@ -118,43 +119,8 @@ struct DedupeLog {
 /// four times the number of keys.
 const DEDUPE_SNAPSHOT_MIN: u64 = 65_536;
 
-fn encode_dedupe<'a>(
-    out: &mut Vec<u8>,
-    entries: impl Iterator<Item = (&'a Vec<u8>, &'a [u8; 16])>,
-) -> u64 {
-    let mut n = 0;
-    for (key, fingerprint) in entries {
-        prost::encoding::encode_varint(key.len() as u64, out);
-        out.extend_from_slice(key);
-        out.extend_from_slice(fingerprint);
-        n += 1;
-    }
-    n
-}
-
-/// Replays one log entry into `into`; false if it is damaged (the intact
-/// part is kept).
-fn decode_dedupe(mut value: &[u8], into: &mut HashMap<Vec<u8>, [u8; 16]>) -> (u64, bool) {
-    let mut n = 0;
-    while !value.is_empty() {
-        let Ok(len) = prost::encoding::decode_varint(&mut value) else {
-            return (n, false);
-        };
-        let len = len as usize;
-        if value.len() < len.saturating_add(16) {
-            return (n, false);
-        }
-        let (key, rest) = value.split_at(len);
-        let (fingerprint, rest) = rest.split_at(16);
-        into.insert(key.to_vec(), fingerprint.try_into().expect("16 bytes"));
-        value = rest;
-        n += 1;
-    }
-    (n, true)
-}
-
-fn load_dedupe(tree: &sled::Db) -> (HashMap<Vec<u8>, [u8; 16]>, DedupeLog) {
-    let mut map = HashMap::new();
+fn load_dedupe(tree: &sled::Db) -> (DedupeMemory, DedupeLog) {
+    let mut map = DedupeMemory::default();
     let mut log = DedupeLog {
         first: 1,
         next: 1,
@@ -162,7 +128,7 @@ fn load_dedupe(tree: &sled::Db) -> (HashMap<Vec<u8>, [u8; 16]>, DedupeLog) {
     };
     for (key, value) in tree.scan_prefix([keys::DEDUPE]).flatten() {
         if let Ok(fingerprint) = <[u8; 16]>::try_from(value.as_ref()) {
-            map.insert(key[1..].to_vec(), fingerprint);
+            map.insert(&key[1..], fingerprint);
             log.legacy = true;
         }
     }
@@ -173,7 +139,7 @@ fn load_dedupe(tree: &sled::Db) -> (HashMap<Vec<u8>, [u8; 16]>, DedupeLog) {
         };
         first.get_or_insert(n);
         log.next = n + 1;
-        let (updates, intact) = decode_dedupe(&value, &mut map);
+        let (updates, intact) = dedupe::decode_into(&value, &mut map);
         log.updates += updates;
         if !intact {
             tracing::error!(
@@ -594,17 +560,20 @@ impl Committer {
             let mut value = Vec::new();
             let new_keys = dedupe_updates
                 .keys()
-                .filter(|key| !self.dedupe.contains_key(*key))
+                .filter(|key| !self.dedupe.contains_key(key))
                 .count();
             let keys_after = (self.dedupe.len() + new_keys) as u64;
             snapshot = self.dedupe_log.updates + dedupe_updates.len() as u64
                 > DEDUPE_SNAPSHOT_MIN + 4 * keys_after;
             if snapshot {
-                let unchanged = self
-                    .dedupe
-                    .iter()
-                    .filter(|(key, _)| !dedupe_updates.contains_key(*key));
-                encode_dedupe(&mut value, unchanged.chain(dedupe_updates.iter()));
+                self.dedupe.for_each(|key, fingerprint| {
+                    if !dedupe_updates.contains_key(key) {
+                        dedupe::encode_entry(&mut value, key, fingerprint);
+                    }
+                });
+                for (key, fingerprint) in &dedupe_updates {
+                    dedupe::encode_entry(&mut value, key, fingerprint);
+                }
                 for old in self.dedupe_log.first..n {
                     group.batch.remove(&keys::dedupe_log(old));
                 }
@@ -614,7 +583,9 @@ impl Committer {
                     }
                 }
             } else {
-                encode_dedupe(&mut value, dedupe_updates.iter());
+                for (key, fingerprint) in &dedupe_updates {
+                    dedupe::encode_entry(&mut value, key, fingerprint);
+                }
             }
             group.batch.insert(&keys::dedupe_log(n), value);
         }
@@ -647,7 +618,9 @@ impl Committer {
                         self.dedupe_log.legacy = false;
                     }
                     self.dedupe_log.updates += dedupe_updates.len() as u64;
-                    self.dedupe.extend(dedupe_updates);
+                    for (key, fingerprint) in dedupe_updates {
+                        self.dedupe.insert(&key, fingerprint);
+                    }
                     if snapshot {
                         self.dedupe_log.updates = self.dedupe.len() as u64;
                     }

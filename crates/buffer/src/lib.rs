@@ -26,6 +26,7 @@
 //! concurrently on sled's lock-free tree.
 
 mod committer;
+mod dedupe;
 mod keys;
 mod open;
 mod segment;

@@ -750,6 +750,54 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
     assert_eq!(buffer.stats().duplicates_total, 4);
 }
 
+/// An MQTT source's keys: its name and a 2-byte packet id, every id in use
+/// (the shape the dedupe memory keeps in a table indexed by id), remembered
+/// across a restart and with ids that wrapped around to a new message.
+#[tokio::test]
+async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = |pkid: u16, message: u32, redelivery: bool| {
+        let mut incoming = record("d", &message.to_be_bytes());
+        incoming.dedupe = Some(DedupeKey {
+            key: [&b"broker-a/"[..], &pkid.to_be_bytes()].concat(),
+            fingerprint: [message.to_be_bytes(); 4].concat().try_into().unwrap(),
+            redelivery,
+        });
+        incoming
+    };
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    // Messages 0..70,000 on packet ids 1..=65,535, wrapping as a broker does.
+    let pkid = |message: u32| (message % 65_535 + 1) as u16;
+    for chunk in (0..70_000u32).collect::<Vec<_>>().chunks(5_000) {
+        let outcomes = buffer
+            .append(chunk.iter().map(|&m| keyed(pkid(m), m, false)).collect())
+            .await
+            .unwrap();
+        assert_eq!(stored(&outcomes).len(), chunk.len());
+    }
+    buffer.close().await.unwrap();
+    drop(buffer);
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    // The last message on each of these ids, redelivered: recognised.
+    // Messages 0..=4,464 had their ids reused by 65,535..=69,999.
+    for message in [4_465u32, 30_000, 65_534, 65_535, 69_999] {
+        let again = buffer
+            .append(vec![keyed(pkid(message), message, true)])
+            .await
+            .unwrap();
+        assert_eq!(again, [Outcome::Duplicate], "message {message}");
+    }
+    // An earlier message on a reused id is not the one remembered.
+    for message in [0u32, 4_464] {
+        let earlier = buffer
+            .append(vec![keyed(pkid(message), message, true)])
+            .await
+            .unwrap();
+        assert_eq!(stored(&earlier).len(), 1, "message {message}");
+    }
+    assert_eq!(buffer.stats().duplicates_total, 5);
+}
+
 /// Durable must mean on the disk, not in the page cache: sled writes a page
 /// too large for its log to a file of its own and never syncs it, so a power
 /// cut would lose records the buffer had reported durable (and the source

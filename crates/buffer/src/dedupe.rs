@@ -1,0 +1,275 @@
+//! The buffer's memory of the last fingerprint committed per dedupe key, and
+//! the encoding of its entries in the dedupe log (see `committer`).
+//!
+//! A key is a scope followed by an id: the MQTT source's are its name, `/`
+//! and the message's 2-byte packet id, so one source has at most 65,535
+//! keys, and all of them are in use after as many messages. Held as a
+//! `HashMap<Vec<u8>, [u8; 16]>`, those took 131,072 buckets of 40 bytes plus
+//! an allocation per key: over 6 MiB of an agent whose budget under load is
+//! 32 MiB, kept for as long as the agent runs (BENCHMARKS.md, "Memory").
+//!
+//! So a key is split into its scope (all but its last two bytes) and a
+//! 16-bit id. Each scope keeps its ids in a small map until a table indexed
+//! by id (1 MiB) is the smaller of the two. Keys are kept exactly: nothing is
+//! hashed away, and what is written to disk is the same bytes as before.
+
+use std::collections::HashMap;
+
+/// Ids a scope holds in a map before it moves them into a table: the map
+/// would soon pass the table's size (its next growth doubles it to 65,536
+/// buckets of 18 bytes).
+const DENSE_AT: usize = 16_384;
+const IDS: usize = 1 << 16;
+
+#[derive(Default)]
+pub(crate) struct DedupeMemory {
+    scopes: HashMap<Box<[u8]>, Scope>,
+    /// Keys too short to carry an id (no source makes these today).
+    short: HashMap<Box<[u8]>, [u8; 16]>,
+    len: usize,
+}
+
+enum Scope {
+    Sparse(HashMap<u16, [u8; 16]>),
+    Dense {
+        present: Box<[u64]>,
+        fingerprints: Box<[[u8; 16]]>,
+    },
+}
+
+fn split(key: &[u8]) -> Option<(&[u8], u16)> {
+    let at = key.len().checked_sub(2)?;
+    Some((&key[..at], u16::from_be_bytes([key[at], key[at + 1]])))
+}
+
+impl Scope {
+    fn get(&self, id: u16) -> Option<&[u8; 16]> {
+        match self {
+            Scope::Sparse(map) => map.get(&id),
+            Scope::Dense {
+                present,
+                fingerprints,
+            } => {
+                let i = usize::from(id);
+                (present[i / 64] & (1 << (i % 64)) != 0).then(|| &fingerprints[i])
+            }
+        }
+    }
+
+    /// Returns whether `id` is new to this scope.
+    fn insert(&mut self, id: u16, fingerprint: [u8; 16]) -> bool {
+        match self {
+            Scope::Sparse(map) => {
+                let new = map.insert(id, fingerprint).is_none();
+                if map.len() >= DENSE_AT {
+                    let mut present = vec![0u64; IDS / 64].into_boxed_slice();
+                    let mut fingerprints = vec![[0u8; 16]; IDS].into_boxed_slice();
+                    for (&id, &fingerprint) in map.iter() {
+                        let i = usize::from(id);
+                        present[i / 64] |= 1 << (i % 64);
+                        fingerprints[i] = fingerprint;
+                    }
+                    *self = Scope::Dense {
+                        present,
+                        fingerprints,
+                    };
+                }
+                new
+            }
+            Scope::Dense {
+                present,
+                fingerprints,
+            } => {
+                let i = usize::from(id);
+                let new = present[i / 64] & (1 << (i % 64)) == 0;
+                present[i / 64] |= 1 << (i % 64);
+                fingerprints[i] = fingerprint;
+                new
+            }
+        }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(u16, &[u8; 16])) {
+        match self {
+            Scope::Sparse(map) => map.iter().for_each(|(&id, fp)| f(id, fp)),
+            Scope::Dense {
+                present,
+                fingerprints,
+            } => {
+                for (word_index, &word) in present.iter().enumerate() {
+                    let mut bits = word;
+                    while bits != 0 {
+                        let i = word_index * 64 + bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        f(i as u16, &fingerprints[i]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl DedupeMemory {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&[u8; 16]> {
+        match split(key) {
+            Some((scope, id)) => self.scopes.get(scope)?.get(id),
+            None => self.short.get(key),
+        }
+    }
+
+    pub fn contains_key(&self, key: &[u8]) -> bool {
+        self.get(key).is_some()
+    }
+
+    pub fn insert(&mut self, key: &[u8], fingerprint: [u8; 16]) {
+        let new = match split(key) {
+            Some((scope, id)) => match self.scopes.get_mut(scope) {
+                Some(ids) => ids.insert(id, fingerprint),
+                None => {
+                    self.scopes.insert(
+                        scope.into(),
+                        Scope::Sparse(HashMap::from([(id, fingerprint)])),
+                    );
+                    true
+                }
+            },
+            None => self.short.insert(key.into(), fingerprint).is_none(),
+        };
+        self.len += usize::from(new);
+    }
+
+    /// Calls `f` with every key and its fingerprint, in no particular order.
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8; 16])) {
+        let mut key = Vec::new();
+        for (scope, ids) in &self.scopes {
+            ids.for_each(|id, fingerprint| {
+                key.clear();
+                key.extend_from_slice(scope);
+                key.extend_from_slice(&id.to_be_bytes());
+                f(&key, fingerprint);
+            });
+        }
+        for (key, fingerprint) in &self.short {
+            f(key, fingerprint);
+        }
+    }
+}
+
+/// Appends one entry of the dedupe log's encoding:
+/// `(varint key length, key, 16-byte fingerprint)`.
+pub(crate) fn encode_entry(out: &mut Vec<u8>, key: &[u8], fingerprint: &[u8; 16]) {
+    prost::encoding::encode_varint(key.len() as u64, out);
+    out.extend_from_slice(key);
+    out.extend_from_slice(fingerprint);
+}
+
+/// Replays one log entry into `into`: the number of updates read, and false
+/// if the entry is damaged (the intact part before the damage is kept).
+pub(crate) fn decode_into(mut value: &[u8], into: &mut DedupeMemory) -> (u64, bool) {
+    let mut n = 0;
+    while !value.is_empty() {
+        let Ok(len) = prost::encoding::decode_varint(&mut value) else {
+            return (n, false);
+        };
+        let len = len as usize;
+        if value.len() < len.saturating_add(16) {
+            return (n, false);
+        }
+        let (key, rest) = value.split_at(len);
+        let (fingerprint, rest) = rest.split_at(16);
+        into.insert(key, fingerprint.try_into().expect("16 bytes"));
+        value = rest;
+        n += 1;
+    }
+    (n, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn key(scope: &str, id: u16) -> Vec<u8> {
+        [scope.as_bytes(), b"/", &id.to_be_bytes()].concat()
+    }
+
+    fn fingerprint(n: u64) -> [u8; 16] {
+        let mut fp = [0u8; 16];
+        fp[..8].copy_from_slice(&n.to_le_bytes());
+        fp[8..].copy_from_slice(&(!n).to_le_bytes());
+        fp
+    }
+
+    fn contents(memory: &DedupeMemory) -> BTreeMap<Vec<u8>, [u8; 16]> {
+        let mut all = BTreeMap::new();
+        memory.for_each(|key, fp| {
+            assert!(all.insert(key.to_vec(), *fp).is_none(), "{key:?} twice");
+        });
+        all
+    }
+
+    /// Every key of two scopes, one past the switch to a table and one not,
+    /// plus keys too short to split, overwritten and read back, against a
+    /// plain map doing the same.
+    #[test]
+    fn holds_exactly_what_a_map_would_across_the_switch_to_a_table() {
+        let mut memory = DedupeMemory::default();
+        let mut expected = BTreeMap::new();
+        let mut put = |memory: &mut DedupeMemory, key: Vec<u8>, fp: [u8; 16]| {
+            memory.insert(&key, fp);
+            expected.insert(key, fp);
+        };
+        for id in 0..=u16::MAX {
+            put(&mut memory, key("mqtt", id), fingerprint(id.into()));
+        }
+        for id in (0..DENSE_AT as u16 - 1).step_by(3) {
+            put(&mut memory, key("other", id), fingerprint(id as u64 + 7));
+        }
+        for short in [&b""[..], b"a"] {
+            put(&mut memory, short.to_vec(), fingerprint(99));
+        }
+        // Overwrites, in the table and in a map.
+        put(&mut memory, key("mqtt", 17), fingerprint(1_000));
+        put(&mut memory, key("other", 3), fingerprint(1_001));
+        put(&mut memory, b"a".to_vec(), fingerprint(1_002));
+
+        assert!(matches!(memory.scopes[&b"mqtt/"[..]], Scope::Dense { .. }));
+        assert!(matches!(memory.scopes[&b"other/"[..]], Scope::Sparse(_)));
+        assert_eq!(memory.len(), expected.len());
+        assert_eq!(contents(&memory), expected);
+        for (key, fp) in &expected {
+            assert_eq!(memory.get(key), Some(fp), "{key:?}");
+        }
+        assert_eq!(memory.get(&key("other", 1)), None);
+        assert_eq!(memory.get(&key("absent", 1)), None);
+        assert_eq!(memory.get(b"b"), None);
+        assert!(!memory.contains_key(b"mqtt"));
+    }
+
+    #[test]
+    fn a_log_entry_decodes_into_what_was_encoded_and_damage_keeps_the_intact_part() {
+        let entries = [
+            (key("s", 1), fingerprint(1)),
+            (b"x".to_vec(), fingerprint(2)),
+        ];
+        let mut value = Vec::new();
+        for (key, fp) in &entries {
+            encode_entry(&mut value, key, fp);
+        }
+        let mut memory = DedupeMemory::default();
+        assert_eq!(decode_into(&value, &mut memory), (2, true));
+        assert_eq!(contents(&memory), entries.iter().cloned().collect());
+
+        let mut memory = DedupeMemory::default();
+        assert_eq!(
+            decode_into(&value[..value.len() - 1], &mut memory),
+            (1, false)
+        );
+        assert_eq!(memory.get(&key("s", 1)), Some(&fingerprint(1)));
+        assert_eq!(memory.len(), 1);
+    }
+}
