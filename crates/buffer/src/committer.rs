@@ -1,7 +1,8 @@
 //! The buffer's single writer. Every change goes through here, in order, so
 //! records, counters and bookkeeping never disagree; appends that arrive
 //! together share one sled batch and one fsync (group commit), and their
-//! records one sled value: a segment ([`crate::segment`]).
+//! records are stored a few KiB at a time, in sled values called segments
+//! ([`crate::segment`]).
 //!
 //! Level bookkeeping with segments:
 //! * `records` counts sequence numbers: a segment `first..=last` holds
@@ -408,6 +409,12 @@ impl Committer {
                 }
                 group.dedupe.insert(d.key, d.fingerprint);
             }
+            if group.segment_records > 0
+                && self.segment.len() + segment::stored_len(len) > segment::MAX_BYTES
+            {
+                self.seal_segment(&mut group.batch, group.segment_first, group.segment_records);
+                group.segment_records = 0;
+            }
             let header = if group.segment_records == 0 {
                 segment::HEADER_LEN as u64
             } else {
@@ -529,16 +536,21 @@ impl Committer {
         self.levels.acked_through = through;
     }
 
+    /// Puts the segment being built, of `records` records from `first`,
+    /// into the group's batch.
+    fn seal_segment(&mut self, batch: &mut sled::Batch, first: u64, records: u64) {
+        segment::finish(&mut self.segment);
+        batch.insert(
+            &keys::segment(first, first + records - 1),
+            self.segment.as_slice(),
+        );
+    }
+
     fn commit(&mut self, mut group: Group) {
         if group.segment_records > 0 {
-            segment::finish(&mut self.segment);
-            let last = group.segment_first + group.segment_records - 1;
-            group.batch.insert(
-                &keys::segment(group.segment_first, last),
-                self.segment.as_slice(),
-            );
+            self.seal_segment(&mut group.batch, group.segment_first, group.segment_records);
             if self.segment.capacity() > 16 << 20 {
-                // One huge group must not pin its memory forever.
+                // One huge record must not pin its memory forever.
                 self.segment = Vec::new();
             }
         }

@@ -23,6 +23,18 @@ use prost::Message;
 pub const TAG: u8 = 1;
 pub const HEADER_LEN: usize = 5;
 
+/// A new record starts a new segment rather than take one past this size.
+///
+/// sled writes any page over a quarter of its 512 KiB log segment to a file
+/// of its own (a blob), which then costs a file creation, two fsyncs (the
+/// file and its directory) and an unlink when freed; and a leaf page holds
+/// up to 17 values before it splits. Segments of 7 KiB keep even a full
+/// leaf in the log. With one segment per group (up to 8,192 records, most
+/// of a MiB) every commit made a blob: a quarter of the buffer thread's
+/// time went to creating, listing and deleting them (BENCHMARKS.md,
+/// "spine").
+pub const MAX_BYTES: usize = 7 * 1024;
+
 /// What a damaged segment looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Damage {

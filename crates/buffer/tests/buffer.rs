@@ -27,7 +27,7 @@ fn options(dir: &std::path::Path) -> BufferOptions {
     options
 }
 
-/// A 64 KiB buffer under `DropOldest`: about 60 of [`append_groups`]'s records.
+/// A 64 KiB buffer under `DropOldest`: about 100 of [`append_groups`]'s records.
 fn drop_oldest_options(dir: &std::path::Path) -> BufferOptions {
     let mut opts = options(dir);
     opts.max_bytes = 64 * 1024;
@@ -35,9 +35,10 @@ fn drop_oldest_options(dir: &std::path::Path) -> BufferOptions {
     opts
 }
 
-/// Appends `groups` groups of ten ~1 KB records; returns how many it offered.
+/// Appends `groups` groups of ten ~640 byte records (one segment each: under
+/// `segment::MAX_BYTES`); returns how many it offered.
 async fn append_groups(buffer: &Buffer, groups: usize) -> u64 {
-    let payload = vec![7u8; 1000];
+    let payload = vec![7u8; 600];
     for _ in 0..groups {
         buffer
             .append((0..10).map(|_| record("d", &payload)).collect())
@@ -273,7 +274,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-// ---- Segments: one sled value per group commit ----
+// ---- Segments: a group commit's records, a few KiB per sled value ----
 
 fn seqs(records: &[Record]) -> Vec<u64> {
     records.iter().map(|r| r.seq).collect()
@@ -374,7 +375,7 @@ async fn drop_oldest_drops_whole_unsent_segments_and_counts_them_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let opts = drop_oldest_options(dir.path());
     let (buffer, _) = Buffer::open(opts.clone()).unwrap();
-    let payload = vec![7u8; 1000];
+    let payload = vec![7u8; 600];
     let mut appended = append_groups(&buffer, 2).await;
     // 1..=15 may have been sent: segment 11..=20 straddles the reservation.
     buffer.before_send(15).await.unwrap();
@@ -798,6 +799,30 @@ async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
     assert_eq!(buffer.stats().duplicates_total, 5);
 }
 
+/// A group of most of a MiB is stored a few KiB per sled value, so sled
+/// keeps it all in its log: no blob file (a file creation, two fsyncs and
+/// an unlink each), and it reads back whole and in order.
+#[tokio::test]
+async fn a_large_group_is_stored_in_the_log_without_blob_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let records: Vec<Incoming> = (0..8_192u32)
+        .map(|i| record("d1", &[i.to_be_bytes(); 25].concat()))
+        .collect();
+    let outcomes = buffer.append(records).await.unwrap();
+    assert_eq!(stored(&outcomes), (1..=8_192).collect::<Vec<_>>());
+    let unsynced = edgefleet_sled_sync::unsynced_files(&dir.path().join("buffer")).unwrap();
+    assert_eq!(unsynced.blob_files, 0, "sled wrote blob files");
+    let read = buffer.read_from(1, 10_000, usize::MAX).unwrap();
+    assert_eq!(seqs(&read), (1..=8_192).collect::<Vec<_>>());
+    for (i, record) in read.iter().enumerate() {
+        let Some(edgefleet_proto::record::Value::Raw(raw)) = &record.value else {
+            panic!("record {i} lost its payload");
+        };
+        assert_eq!(raw.data, [(i as u32).to_be_bytes(); 25].concat());
+    }
+}
+
 /// Durable must mean on the disk, not in the page cache: sled writes a page
 /// too large for its log to a file of its own and never syncs it, so a power
 /// cut would lose records the buffer had reported durable (and the source
@@ -806,14 +831,13 @@ async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
 async fn what_an_append_reports_durable_is_not_left_dirty_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
-    // One group of ~400 KiB: over the quarter of a 512 KiB log segment that
-    // sled keeps in its log, so it becomes a blob file.
-    let payload = vec![0x5a; 200];
-    let outcomes = buffer
-        .append((0..2_000).map(|_| record("d1", &payload)).collect())
-        .await
-        .unwrap();
-    assert_eq!(stored(&outcomes).len(), 2_000);
+    // Records of a few KiB (log segments) and one of 300 KiB: a segment of
+    // its own, over the quarter of a 512 KiB log segment that sled keeps in
+    // its log, so it becomes a blob file.
+    let mut records: Vec<Incoming> = (0..2_000).map(|_| record("d1", &[0x5a; 200])).collect();
+    records.insert(1_000, record("d1", &vec![0xa5; 300 << 10]));
+    let outcomes = buffer.append(records).await.unwrap();
+    assert_eq!(stored(&outcomes).len(), 2_001);
     let unsynced = edgefleet_sled_sync::unsynced_files(&dir.path().join("buffer")).unwrap();
     assert!(
         unsynced.blob_files > 0,
