@@ -38,7 +38,7 @@ use edgefleet_proto::Record;
 use edgefleet_sled_sync::DiskSync;
 use prost::Message;
 
-use super::{AgentRecords, Sink, SinkError};
+use super::{AgentRecords, EncodedRecord, Sink, SinkError};
 use crate::config::Retention;
 use crate::query::{AgentStats, Query, RecordSource, Stats};
 
@@ -372,25 +372,29 @@ impl Sink for EmbeddedStore {
                     e.insert((high, count))
                 }
             };
-            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            let Some(last) = records.last() else {
                 continue;
             };
-            let mut value =
-                Vec::with_capacity(1 + records.iter().map(|r| r.encoded.len() + 3).sum::<usize>());
-            value.push(BLOCK_FORMAT);
-            for record in records {
-                prost::encoding::encode_varint(record.encoded.len() as u64, &mut value);
-                value.extend_from_slice(&record.encoded);
+            for block in blocks(records) {
+                let first = &block[0];
+                let mut value = Vec::with_capacity(
+                    1 + block.iter().map(|r| r.encoded.len() + 3).sum::<usize>(),
+                );
+                value.push(BLOCK_FORMAT);
+                for record in block {
+                    prost::encoding::encode_varint(record.encoded.len() as u64, &mut value);
+                    value.extend_from_slice(&record.encoded);
+                }
+                let key = agent_seq_key(BLOCK, agent, first.seq);
+                let time_key = time_key(ingest_ns, agent, first.seq);
+                let size = (key.len() + value.len() + time_key.len() + 16) as u64;
+                let mut time_value = [0u8; 16];
+                time_value[..8].copy_from_slice(&size.to_be_bytes());
+                time_value[8..].copy_from_slice(&(block.len() as u64).to_be_bytes());
+                batch.insert(key, value);
+                batch.insert(time_key, &time_value[..]);
+                total += size;
             }
-            let key = agent_seq_key(BLOCK, agent, first.seq);
-            let time_key = time_key(ingest_ns, agent, first.seq);
-            let size = (key.len() + value.len() + time_key.len() + 16) as u64;
-            let mut time_value = [0u8; 16];
-            time_value[..8].copy_from_slice(&size.to_be_bytes());
-            time_value[8..].copy_from_slice(&(records.len() as u64).to_be_bytes());
-            batch.insert(key, value);
-            batch.insert(time_key, &time_value[..]);
-            total += size;
             state.0 = state.0.max(last.seq);
             state.1 += records.len() as u64;
         }
@@ -402,6 +406,39 @@ impl Sink for EmbeddedStore {
         self.tree.apply_batch(batch).map_err(|e| self.io(e))?;
         self.flush_locked()
     }
+}
+
+/// A block closes before a record would take it past this size. sled
+/// writes any page over a quarter of its 512 KiB log segment to a file of
+/// its own, which costs a file creation, two fsyncs and an unlink when
+/// freed, and a leaf page holds up to 17 values before it splits: at 7 KiB
+/// even a full leaf stays in the log. (A batch used to be one block of up
+/// to several hundred KiB.)
+const BLOCK_MAX_BYTES: usize = 7 * 1024;
+
+/// Splits one agent's batch into the runs of records stored as one block
+/// each (every run holds at least one record).
+fn blocks(records: &[EncodedRecord]) -> impl Iterator<Item = &[EncodedRecord]> {
+    let mut rest = records;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 1;
+        let mut n = 0;
+        for record in rest {
+            let stored = prost::encoding::encoded_len_varint(record.encoded.len() as u64)
+                + record.encoded.len();
+            if n > 0 && bytes + stored > BLOCK_MAX_BYTES {
+                break;
+            }
+            bytes += stored;
+            n += 1;
+        }
+        let (block, after) = rest.split_at(n);
+        rest = after;
+        Some(block)
+    })
 }
 
 impl RecordSource for EmbeddedStore {
@@ -641,17 +678,46 @@ mod tests {
         assert_eq!(stats.agents["b"].stored_through, 300);
     }
 
+    /// A batch of thousands of records is stored a few KiB per sled value,
+    /// so sled keeps it in its log (no blob file to create, sync and delete),
+    /// and reads back whole and in order, with the store's counts exact.
+    #[test]
+    fn a_large_batch_is_stored_in_the_log_without_blob_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store
+            .commit(&[AgentRecords {
+                agent: "a".into(),
+                records: (1..=5_000).map(|seq| enc(seq, "device-0001")).collect(),
+            }])
+            .unwrap();
+        let unsynced = edgefleet_sled_sync::unsynced_files(dir.path()).unwrap();
+        assert_eq!(unsynced.blob_files, 0, "sled wrote blob files");
+        let seqs: Vec<u64> = all(&store, &Query::default())
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(seqs, (1..=5_000).collect::<Vec<_>>());
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.total_records, 5_000);
+        assert_eq!(stats.agents["a"].stored_through, 5_000);
+    }
+
     /// A commit is acked to agents as durable: nothing of it may be left
     /// dirty in the page cache (sled leaves a large block's blob file so).
     #[test]
     fn what_a_commit_stored_is_not_left_dirty_in_memory() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        // One block of ~250 KB: a blob file in sled, over its log's limit.
+        // Blocks of a few KiB (sled's log) and one record of 300 KiB: a block
+        // of its own, over the log's limit, so a blob file in sled.
+        let mut records: Vec<EncodedRecord> =
+            (1..=5_000).map(|seq| enc(seq, "device-0001")).collect();
+        records.push(enc(5_001, &"x".repeat(300 << 10)));
         store
             .commit(&[AgentRecords {
                 agent: "a".into(),
-                records: (1..=5_000).map(|seq| enc(seq, "device-0001")).collect(),
+                records,
             }])
             .unwrap();
         let unsynced = edgefleet_sled_sync::unsynced_files(dir.path()).unwrap();
