@@ -23,9 +23,10 @@ use crate::Ctx;
 /// The uplink's default batch size (`uplink.batch.maxRecords`).
 const BATCH: usize = 2000;
 /// Records per `Buffer::append` from the synthetic source, and how many
-/// appends are in flight at once (like MQTT messages awaiting their ack).
-const APPEND_CHUNK: usize = 500;
-const PRODUCERS: usize = 4;
+/// appends are in flight at once: the MQTT source's own limits (messages
+/// awaiting their ack, one record each).
+const APPEND_CHUNK: usize = edge_agent::sources::mqtt::MAX_MESSAGES_PER_APPEND;
+const PRODUCERS: usize = edge_agent::sources::mqtt::MAX_APPENDS_IN_FLIGHT;
 
 pub fn templates() -> Vec<Record> {
     (0..BATCH as u64)

@@ -53,9 +53,9 @@ struct Route {
 
 /// Appends in flight at once: enough to overlap decoding with the fsync of
 /// the previous group, few enough to bound memory.
-const MAX_APPENDS_IN_FLIGHT: usize = 4;
+pub const MAX_APPENDS_IN_FLIGHT: usize = 4;
 /// Messages taken into one append.
-const MAX_MESSAGES_PER_APPEND: usize = 2048;
+pub const MAX_MESSAGES_PER_APPEND: usize = 2048;
 /// The processor's queue: two appends' worth.
 const PROCESSOR_QUEUE: usize = 2 * MAX_MESSAGES_PER_APPEND;
 /// Messages held beyond the processor's queue. At this many the source stops
