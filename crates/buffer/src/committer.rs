@@ -377,11 +377,15 @@ impl Committer {
             r.record.seq = 0;
             r.record.encoded_len()
         }));
-        let total: u64 = lens
-            .iter()
-            .map(|&len| segment::stored_len(len) as u64)
-            .sum::<u64>()
-            + segment::HEADER_LEN as u64;
+        // What the append takes on disk at most, with the header of every
+        // segment it starts: under `Block` it must fit whole, or a record
+        // near the cap would be dropped instead of waiting for room.
+        let open_len = if group.segment_records > 0 {
+            self.segment.len()
+        } else {
+            0
+        };
+        let total = segment::stored_total(open_len, &lens);
         if total > self.options.max_bytes {
             let _ = reply.send(Err(BufferError::TooLarge {
                 bytes: total,

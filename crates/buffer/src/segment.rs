@@ -65,6 +65,23 @@ pub fn stored_len(encoded_len: usize) -> usize {
     prost::encoding::encoded_len_varint(encoded_len as u64) + encoded_len
 }
 
+/// Bytes that records of `encoded_lens` take when added to a segment now
+/// `open_len` bytes long (0: none open), headers of the segments they start
+/// included: the same boundaries as the committer draws with [`MAX_BYTES`].
+pub fn stored_total(mut open_len: usize, encoded_lens: &[usize]) -> u64 {
+    let mut total = 0u64;
+    for &len in encoded_lens {
+        let stored = stored_len(len);
+        if open_len == 0 || open_len + stored > MAX_BYTES {
+            total += HEADER_LEN as u64;
+            open_len = HEADER_LEN;
+        }
+        open_len += stored;
+        total += stored as u64;
+    }
+    total
+}
+
 /// Appends a record whose `encoded_len()` is `len`; returns the bytes it
 /// took.
 pub fn push(buf: &mut Vec<u8>, record: &Record, len: usize) -> usize {

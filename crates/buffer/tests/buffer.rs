@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use edgefleet_buffer::{
-    AnchorOutcome, Buffer, BufferOptions, DedupeKey, FullPolicy, Incoming, Outcome,
+    AnchorOutcome, Buffer, BufferError, BufferOptions, DedupeKey, FullPolicy, Incoming, Outcome,
 };
 use edgefleet_proto::{RawPayload, Record};
 
@@ -158,6 +158,40 @@ async fn block_waits_for_an_ack_to_make_room() {
         .unwrap();
     assert_eq!(outcome, [Outcome::Stored(n + 1)]);
     assert_eq!(buffer.stats().dropped_full_total, 0);
+}
+
+/// An append that spans several segments is measured with every segment's
+/// header: under `Block` it is stored whole when it fits exactly, and when
+/// it is one byte over, refused whole, never stored in part with its tail
+/// dropped.
+#[tokio::test]
+async fn block_counts_an_append_over_several_segments_whole() {
+    let records = || -> Vec<Incoming> { (0..100).map(|_| record("d", &[3u8; 600])).collect() };
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(&dir.path().join("measure"))).unwrap();
+    buffer.append(records()).await.unwrap();
+    let exact = buffer.stats().bytes;
+    buffer.close().await.unwrap();
+
+    for (cap, fits) in [(exact, true), (exact - 1, false)] {
+        let mut opts = options(&dir.path().join(format!("cap-{cap}")));
+        opts.max_bytes = cap;
+        opts.when_full = FullPolicy::Block;
+        let (buffer, _) = Buffer::open(opts).unwrap();
+        let result = buffer.append(records()).await;
+        let stats = buffer.stats();
+        assert_eq!(stats.dropped_full_total, 0, "cap {cap}: {stats:?}");
+        if fits {
+            assert_eq!(stored(&result.unwrap()).len(), 100);
+            assert_eq!(stats.bytes, exact);
+        } else {
+            assert!(
+                matches!(result, Err(BufferError::TooLarge { .. })),
+                "cap {cap}: {result:?}"
+            );
+            assert_eq!(stats.records, 0);
+        }
+    }
 }
 
 #[tokio::test]
