@@ -99,8 +99,9 @@ pub(crate) struct Committer {
     dedupe_log: DedupeLog,
 }
 
-/// Where the dedupe memory is stored: each group's updates as one value
-/// `j` + n, replayed in order at start. When the log has grown well past the
+/// Where the dedupe memory is stored: each group's updates as values
+/// `j` + n of a few KiB each (`dedupe::LogEntries`), replayed in order at
+/// start. When the log has grown well past the
 /// number of keys, one group writes the whole memory as a new entry and
 /// deletes the older ones (a snapshot), so the log stays proportional to
 /// the keys. Format 1 kept one `q` key per dedupe key; those are read at
@@ -569,11 +570,9 @@ impl Committer {
         }
         let dedupe_updates = std::mem::take(&mut group.dedupe);
         let mut snapshot = false;
+        // The group's first log entry; a snapshot starts the log there.
+        let first_entry = self.dedupe_log.next;
         if !dedupe_updates.is_empty() {
-            let n = self.dedupe_log.next;
-            // Never reuse a number: a failed batch may still reach the disk.
-            self.dedupe_log.next += 1;
-            let mut value = Vec::new();
             let new_keys = dedupe_updates
                 .keys()
                 .filter(|key| !self.dedupe.contains_key(key))
@@ -581,16 +580,22 @@ impl Committer {
             let keys_after = (self.dedupe.len() + new_keys) as u64;
             snapshot = self.dedupe_log.updates + dedupe_updates.len() as u64
                 > DEDUPE_SNAPSHOT_MIN + 4 * keys_after;
+            // Numbers are never reused, even if this batch fails: a failed
+            // batch may still reach the disk.
+            let mut entries = dedupe::LogEntries::new(&mut group.batch, &mut self.dedupe_log.next);
             if snapshot {
                 self.dedupe.for_each(|key, fingerprint| {
                     if !dedupe_updates.contains_key(key) {
-                        dedupe::encode_entry(&mut value, key, fingerprint);
+                        entries.push(key, fingerprint);
                     }
                 });
-                for (key, fingerprint) in &dedupe_updates {
-                    dedupe::encode_entry(&mut value, key, fingerprint);
-                }
-                for old in self.dedupe_log.first..n {
+            }
+            for (key, fingerprint) in &dedupe_updates {
+                entries.push(key, fingerprint);
+            }
+            entries.finish();
+            if snapshot {
+                for old in self.dedupe_log.first..first_entry {
                     group.batch.remove(&keys::dedupe_log(old));
                 }
                 if self.dedupe_log.legacy {
@@ -598,12 +603,7 @@ impl Committer {
                         group.batch.remove(key);
                     }
                 }
-            } else {
-                for (key, fingerprint) in &dedupe_updates {
-                    dedupe::encode_entry(&mut value, key, fingerprint);
-                }
             }
-            group.batch.insert(&keys::dedupe_log(n), value);
         }
         let l = self.levels;
         group
@@ -629,7 +629,7 @@ impl Committer {
                 // message whose record was not stored must be stored.
                 if !dedupe_updates.is_empty() {
                     if snapshot {
-                        self.dedupe_log.first = self.dedupe_log.next - 1;
+                        self.dedupe_log.first = first_entry;
                         self.dedupe_log.updates = 0;
                         self.dedupe_log.legacy = false;
                     }
