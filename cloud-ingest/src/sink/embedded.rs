@@ -375,11 +375,9 @@ impl Sink for EmbeddedStore {
             let Some(last) = records.last() else {
                 continue;
             };
-            for block in blocks(records) {
+            for (block, block_bytes) in blocks(records) {
                 let first = &block[0];
-                let mut value = Vec::with_capacity(
-                    1 + block.iter().map(|r| r.encoded.len() + 3).sum::<usize>(),
-                );
+                let mut value = Vec::with_capacity(block_bytes);
                 value.push(BLOCK_FORMAT);
                 for record in block {
                     prost::encoding::encode_varint(record.encoded.len() as u64, &mut value);
@@ -417,8 +415,9 @@ impl Sink for EmbeddedStore {
 const BLOCK_MAX_BYTES: usize = 7 * 1024;
 
 /// Splits one agent's batch into the runs of records stored as one block
-/// each (every run holds at least one record).
-fn blocks(records: &[EncodedRecord]) -> impl Iterator<Item = &[EncodedRecord]> {
+/// each (every run holds at least one record), with the bytes of the
+/// block's value.
+fn blocks(records: &[EncodedRecord]) -> impl Iterator<Item = (&[EncodedRecord], usize)> {
     let mut rest = records;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -437,7 +436,7 @@ fn blocks(records: &[EncodedRecord]) -> impl Iterator<Item = &[EncodedRecord]> {
         }
         let (block, after) = rest.split_at(n);
         rest = after;
-        Some(block)
+        Some((block, bytes))
     })
 }
 

@@ -381,12 +381,7 @@ impl Committer {
         // What the append takes on disk at most, with the header of every
         // segment it starts: under `Block` it must fit whole, or a record
         // near the cap would be dropped instead of waiting for room.
-        let open_len = if group.segment_records > 0 {
-            self.segment.len()
-        } else {
-            0
-        };
-        let total = segment::stored_total(open_len, &lens);
+        let total = segment::stored_total(self.open_segment_len(group), &lens);
         if total > self.options.max_bytes {
             let _ = reply.send(Err(BufferError::TooLarge {
                 bytes: total,
@@ -414,13 +409,12 @@ impl Committer {
                 }
                 group.dedupe.insert(d.key, d.fingerprint);
             }
-            if group.segment_records > 0
-                && self.segment.len() + segment::stored_len(len) > segment::MAX_BYTES
-            {
+            let starts_segment = segment::starts_new(self.open_segment_len(group), len);
+            if starts_segment && group.segment_records > 0 {
                 self.seal_segment(&mut group.batch, group.segment_first, group.segment_records);
                 group.segment_records = 0;
             }
-            let header = if group.segment_records == 0 {
+            let header = if starts_segment {
                 segment::HEADER_LEN as u64
             } else {
                 0
@@ -539,6 +533,15 @@ impl Committer {
         }
         group.ack_floor = through;
         self.levels.acked_through = through;
+    }
+
+    /// Bytes of the segment the group is building (0: none open).
+    fn open_segment_len(&self, group: &Group) -> usize {
+        if group.segment_records > 0 {
+            self.segment.len()
+        } else {
+            0
+        }
     }
 
     /// Puts the segment being built, of `records` records from `first`,

@@ -37,6 +37,11 @@ enum Scope {
     },
 }
 
+/// Where id `id`'s bit is in a dense scope's `present`: word and mask.
+fn bit(id: usize) -> (usize, u64) {
+    (id / 64, 1 << (id % 64))
+}
+
 fn split(key: &[u8]) -> Option<(&[u8], u16)> {
     let at = key.len().checked_sub(2)?;
     Some((&key[..at], u16::from_be_bytes([key[at], key[at + 1]])))
@@ -51,7 +56,8 @@ impl Scope {
                 fingerprints,
             } => {
                 let i = usize::from(id);
-                (present[i / 64] & (1 << (i % 64)) != 0).then(|| &fingerprints[i])
+                let (word, mask) = bit(i);
+                (present[word] & mask != 0).then(|| &fingerprints[i])
             }
         }
     }
@@ -66,7 +72,8 @@ impl Scope {
                     let mut fingerprints = vec![[0u8; 16]; IDS].into_boxed_slice();
                     for (&id, &fingerprint) in map.iter() {
                         let i = usize::from(id);
-                        present[i / 64] |= 1 << (i % 64);
+                        let (word, mask) = bit(i);
+                        present[word] |= mask;
                         fingerprints[i] = fingerprint;
                     }
                     *self = Scope::Dense {
@@ -81,8 +88,9 @@ impl Scope {
                 fingerprints,
             } => {
                 let i = usize::from(id);
-                let new = present[i / 64] & (1 << (i % 64)) == 0;
-                present[i / 64] |= 1 << (i % 64);
+                let (word, mask) = bit(i);
+                let new = present[word] & mask == 0;
+                present[word] |= mask;
                 fingerprints[i] = fingerprint;
                 new
             }

@@ -71,15 +71,20 @@ pub fn stored_len(encoded_len: usize) -> usize {
 pub fn stored_total(mut open_len: usize, encoded_lens: &[usize]) -> u64 {
     let mut total = 0u64;
     for &len in encoded_lens {
-        let stored = stored_len(len);
-        if open_len == 0 || open_len + stored > MAX_BYTES {
+        if starts_new(open_len, len) {
             total += HEADER_LEN as u64;
             open_len = HEADER_LEN;
         }
-        open_len += stored;
-        total += stored as u64;
+        open_len += stored_len(len);
+        total += stored_len(len) as u64;
     }
     total
+}
+
+/// Whether a record of `encoded_len` starts a new segment, the one open
+/// being `open_len` bytes long (0: none open).
+pub fn starts_new(open_len: usize, encoded_len: usize) -> bool {
+    open_len == 0 || open_len + stored_len(encoded_len) > MAX_BYTES
 }
 
 /// Appends a record whose `encoded_len()` is `len`; returns the bytes it
