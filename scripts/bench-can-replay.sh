@@ -47,7 +47,16 @@ frames=$(wc -l < "$WORK/bus.log")
 echo "log: $frames frames over ${SECONDS_RECORDED} s recorded; replaying at ${SPEED}x" >&2
 
 "$BIN/edgefleet" certs init "$WORK/pki" --agents 1 >/dev/null
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free port below the ephemeral range, where no outgoing connection can
+# take it before the server binds it (as edgefleet_tests::free_port).
+port() { python3 -c '
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+while True:
+    p = random.randrange(10000, low)
+    s = socket.socket()
+    try: s.bind(("127.0.0.1", p)); print(p); break
+    except OSError: pass'; }
 INGEST_PORT=$(port)
 METRICS_PORT=$(port)
 cat > "$WORK/agent.yaml" <<EOF

@@ -61,23 +61,45 @@ pub fn agent_command() -> Command {
     }
 }
 
-/// A free TCP port on loopback (bound and released; good enough on a test box).
+/// A loopback TCP port, free now, for a server that a test starts later.
+///
+/// Taken from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`). A port from inside it, which is what
+/// binding port 0 hands out, can be taken before the server starts as the
+/// source port of any outgoing connection (an agent retrying its uplink,
+/// a device simulator), and the server then fails with "address in use".
+/// Ports below the range are never handed out implicitly. Each port is
+/// returned once per process; the start is spread by process id so
+/// concurrent test processes rarely probe the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let low = 10_000u32;
+    if ephemeral_low <= low + 1000 {
+        // Too few ports below the range; fall back to what the kernel picks.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
     }
-    bail!("nothing listens on port {port} after {timeout:?}")
+    let span = ephemeral_low - low;
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (low + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{ephemeral_low}");
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
@@ -154,6 +176,37 @@ impl Proc {
         }
     }
 
+    /// Waits until the process listens on `port`; fails at once, with the
+    /// end of its log, if it exits first (a bad flag, a port in use).
+    pub fn wait_for_port(&mut self, port: u16, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(());
+            }
+            if !self.is_running() {
+                bail!(
+                    "{} exited before listening on port {port}; its log ends:\n{}",
+                    self.name,
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "{} does not listen on port {port} after {timeout:?}; its log ends:\n{}",
+            self.name,
+            self.log_tail(40)
+        )
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
@@ -193,12 +246,12 @@ impl Mosquitto {
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000000\nmax_inflight_messages {window}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
             ),
         )?;
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "mosquitto",
             Command::new(binary).arg("-c").arg(&conf),
             dir.join("mosquitto.log"),
         )?;
-        wait_for_port(port, Duration::from_secs(10))?;
+        proc.wait_for_port(port, Duration::from_secs(10))?;
         Ok(Mosquitto { port, proc })
     }
 }
@@ -371,9 +424,9 @@ impl Fleet {
                 .arg(format!("127.0.0.1:{}", self.ingest_metrics_port)),
             self.dir.path().join("ingest.log"),
         )?;
-        self.ingest = Some(proc);
-        wait_for_port(self.ingest_port, Duration::from_secs(20))?;
-        wait_for_port(self.ingest_metrics_port, Duration::from_secs(20))?;
+        let proc = self.ingest.insert(proc);
+        proc.wait_for_port(self.ingest_port, Duration::from_secs(20))?;
+        proc.wait_for_port(self.ingest_metrics_port, Duration::from_secs(20))?;
         Ok(())
     }
 
@@ -454,12 +507,12 @@ metrics:
         if let Some(node) = &o.node {
             command.arg("--node-name").arg(node);
         }
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             &format!("edge-agent {}", o.id),
             &mut command,
             self.dir.path().join(format!("agent-{}.log", o.id)),
         )?;
-        wait_for_port(o.metrics_port, Duration::from_secs(20))?;
+        proc.wait_for_port(o.metrics_port, Duration::from_secs(20))?;
         // Up means subscribed (SUBACK): a message published before that
         // would be dropped by the broker, and the test would count it lost.
         let subscribed = wait_until(Duration::from_secs(30), || {
@@ -557,5 +610,44 @@ impl Publisher {
 
     pub fn is_running(&mut self) -> bool {
         self.proc.is_running()
+    }
+}
+
+#[cfg(test)]
+mod harness_tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_not_repeated() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        assert!(ports.iter().all(|&p| p < low), "{ports:?} vs {low}");
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
+
+    #[test]
+    fn a_process_that_exits_before_listening_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut proc = Proc::spawn(
+            "failing server",
+            Command::new("sh").args(["-c", "echo 'address already in use' >&2; exit 3"]),
+            dir.path().join("failing.log"),
+        )
+        .unwrap();
+        let started = Instant::now();
+        let error = proc
+            .wait_for_port(free_port(), Duration::from_secs(20))
+            .unwrap_err()
+            .to_string();
+        assert!(started.elapsed() < Duration::from_secs(10), "not at once");
+        assert!(error.contains("failing server exited"), "{error}");
+        assert!(error.contains("address already in use"), "{error}");
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgefleet_tests::{bin, free_port, http_get, wait_for_port, Proc};
+use edgefleet_tests::{bin, free_port, http_get, Proc};
 use hdrhistogram::Histogram;
 
 use crate::report::{Figure, Series};
@@ -57,9 +57,9 @@ pub fn start_ingest(
         Some(store) => command.arg("--store").arg(store),
         None => command.arg("--discard"),
     };
-    let proc = Proc::spawn(name, &mut command, dir.join(format!("{name}.log")))?;
-    wait_for_port(port, Duration::from_secs(30))?;
-    wait_for_port(metrics_port, Duration::from_secs(30))?;
+    let mut proc = Proc::spawn(name, &mut command, dir.join(format!("{name}.log")))?;
+    proc.wait_for_port(port, Duration::from_secs(30))?;
+    proc.wait_for_port(metrics_port, Duration::from_secs(30))?;
     Ok(IngestProc {
         proc,
         port,
