@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use edgefleet_buffer::BufferStats;
+use edgefleet_buffer::{BufferStats, CommitObserver};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +57,7 @@ pub struct Metrics {
     acked_seq: Gauge,
     buffer_bytes: Gauge,
     buffer_records: Gauge,
+    buffer_commit_seconds: Histogram,
     buffer_quarantined: Counter,
     buffer_write_errors: Gauge,
     redeliveries_deduplicated: Gauge,
@@ -96,6 +98,8 @@ impl Metrics {
             acked_seq: Gauge::default(),
             buffer_bytes: Gauge::default(),
             buffer_records: Gauge::default(),
+            // 100 µs .. ~3.3 s, as the ingest's `ingest_commit_seconds`.
+            buffer_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             buffer_quarantined: Counter::default(),
             buffer_write_errors: Gauge::default(),
             redeliveries_deduplicated: Gauge::default(),
@@ -170,6 +174,11 @@ impl Metrics {
             "buffer_records",
             "Records in the buffer",
             m.buffer_records.clone(),
+        );
+        r.register(
+            "buffer_commit_seconds",
+            "Duration of one group commit of the buffer that wrote to disk (write and fsync)",
+            m.buffer_commit_seconds.clone(),
         );
         r.register(
             "buffer_quarantined",
@@ -352,6 +361,12 @@ impl Metrics {
     }
     pub fn status(&self) -> serde_json::Value {
         self.status.lock().expect("not poisoned").clone()
+    }
+
+    /// What the buffer calls after each group commit that wrote to disk.
+    pub fn buffer_commit_observer(&self) -> CommitObserver {
+        let histogram = self.buffer_commit_seconds.clone();
+        CommitObserver(Arc::new(move |took| histogram.observe(took.as_secs_f64())))
     }
 
     /// Copies the buffer's levels and counters into the metrics.

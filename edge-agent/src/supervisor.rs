@@ -163,6 +163,7 @@ async fn open_buffer(
     options.flush_max_delay = Duration::from_millis(config.buffer.flush.max_delay_ms);
     options.flush_max_records = config.buffer.flush.max_batch_records as usize;
     options.dead_letter_max = config.buffer.dead_letter_max;
+    options.on_commit = Some(metrics.buffer_commit_observer());
     loop {
         let attempt = {
             let options = options.clone();

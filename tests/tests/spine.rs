@@ -68,6 +68,7 @@ fn a_steady_stream_is_stored_exactly_once_in_order() {
         agent_metric(&agent, "edge_records_in_total", "source=\"mqtt\""),
         published as f64
     );
+    assert!(agent_metric(&agent, "edge_buffer_commit_seconds_count", "") >= 1.0);
     // Graceful agent stop: exit 0, goodbye, buffer flushed.
     assert_eq!(proc.terminate(Duration::from_secs(30)).unwrap(), Some(0));
     let d = final_delivery(&mut fleet, devices, messages, |_| false);

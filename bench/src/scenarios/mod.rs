@@ -96,6 +96,71 @@ pub fn commit_totals(metrics_port: u16) -> (f64, f64, f64) {
     )
 }
 
+/// A Prometheus histogram's cumulative buckets from `/metrics`: (upper
+/// bound in seconds, observations at or under it), `+Inf` last.
+pub fn histogram_buckets(metrics_port: u16, name: &str) -> Vec<(f64, f64)> {
+    let text = http_get(metrics_port, "/metrics").unwrap_or_default();
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (bound, count) = rest.split_once("\"} ")?;
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().ok()?
+            };
+            Some((bound, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Group commits between two readings of a commit-duration histogram.
+pub struct CommitTail {
+    pub commits: f64,
+    /// The bucket bound (seconds) under which 99 % of them took.
+    pub p99_at_most: f64,
+    /// How many took longer than `slow`.
+    pub slower: f64,
+    /// The bucket bound (seconds) under which the slowest took.
+    pub max_at_most: f64,
+}
+
+impl CommitTail {
+    pub fn between(before: &[(f64, f64)], after: &[(f64, f64)], slow: f64) -> CommitTail {
+        let at = |buckets: &[(f64, f64)], bound: f64| {
+            buckets
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map_or(0.0, |(_, n)| *n)
+        };
+        let delta: Vec<(f64, f64)> = after
+            .iter()
+            .map(|&(bound, n)| (bound, n - at(before, bound)))
+            .collect();
+        let commits = delta.last().map_or(0.0, |&(_, n)| n);
+        let p99_at_most = delta
+            .iter()
+            .find(|&&(_, n)| n >= 0.99 * commits)
+            .map_or(f64::NAN, |&(bound, _)| bound);
+        let max_at_most = delta
+            .iter()
+            .find(|&&(_, n)| n >= commits)
+            .map_or(f64::NAN, |&(bound, _)| bound);
+        let within_slow = delta
+            .iter()
+            .filter(|&&(bound, _)| bound <= slow)
+            .map(|&(_, n)| n)
+            .fold(0.0, f64::max);
+        CommitTail {
+            commits,
+            p99_at_most,
+            slower: commits - within_slow,
+            max_at_most,
+        }
+    }
+}
+
 /// Samples `read` every `every` on a thread: (seconds since `origin`, value).
 pub struct Sampler {
     stop: Arc<AtomicBool>,
@@ -212,4 +277,29 @@ pub async fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> b
 
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+#[cfg(test)]
+mod commit_tail_tests {
+    use super::CommitTail;
+
+    #[test]
+    fn the_tail_is_taken_from_the_commits_between_two_readings() {
+        let inf = f64::INFINITY;
+        let before = [(0.0064, 10.0), (0.0128, 10.0), (0.0256, 10.0), (inf, 10.0)];
+        // 200 more commits: 190 under 6.4 ms, 5 under 12.8 ms, 5 under 25.6 ms.
+        let after = [
+            (0.0064, 200.0),
+            (0.0128, 205.0),
+            (0.0256, 210.0),
+            (inf, 210.0),
+        ];
+        let tail = CommitTail::between(&before, &after, 0.0128);
+        assert_eq!(tail.commits, 200.0);
+        assert_eq!(tail.slower, 5.0);
+        assert_eq!(tail.p99_at_most, 0.0256);
+        assert_eq!(tail.max_at_most, 0.0256);
+        let tail = CommitTail::between(&after, &after, 0.0128);
+        assert_eq!((tail.commits, tail.slower), (0.0, 0.0));
+    }
 }

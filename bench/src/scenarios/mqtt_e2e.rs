@@ -109,11 +109,21 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
 
     // Half load.
     let half_rate = (sustained / 2.0).max(1.0);
+    // Where a half-load tail may come from: each side's group commits
+    // (write and fsync), which every record waits for twice.
+    let commit_histograms = || {
+        (
+            super::histogram_buckets(options.metrics_port, "edge_buffer_commit_seconds"),
+            super::histogram_buckets(metrics_port, "ingest_commit_seconds"),
+        )
+    };
+    let commits_before_half = commit_histograms();
     let half_start_ns = mqtt::now_ns();
     let half = mqtt::publish(port, PUBLISHERS, DEVICES, phase, Some(half_rate), "half").await?;
     let half_end_ns = mqtt::now_ns();
     let target = target + half.messages;
     wait_until(Duration::from_secs(300), || fleet.stored() >= target).await;
+    let commits_after_half = commit_histograms();
     let samples = sampler.stop();
 
     let agent_peak = sys::peak_rss(agent_pid);
@@ -198,6 +208,43 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         } else {
             result.figures.push(f);
         }
+    }
+    // 12.8 ms: a bucket bound of both histograms, and more than half the
+    // latency target spent in one commit.
+    const SLOW_COMMIT: f64 = 0.0128;
+    for (side, before, after) in [
+        (
+            "agent buffer",
+            &commits_before_half.0,
+            &commits_after_half.0,
+        ),
+        (
+            "ingest store",
+            &commits_before_half.1,
+            &commits_after_half.1,
+        ),
+    ] {
+        let tail = super::CommitTail::between(before, after, SLOW_COMMIT);
+        result.figure(
+            &format!("half load: {side} group commits"),
+            tail.commits,
+            "commits",
+        );
+        result.figure(
+            &format!("half load: {side} group commit p99 at most"),
+            tail.p99_at_most * 1000.0,
+            "ms",
+        );
+        result.figure(
+            &format!("half load: {side} group commits over 12.8 ms"),
+            tail.slower,
+            "commits",
+        );
+        result.figure(
+            &format!("half load: {side} slowest group commit at most"),
+            tail.max_at_most * 1000.0,
+            "ms",
+        );
     }
     result.figure(
         "broker alone at half its ceiling: rate",

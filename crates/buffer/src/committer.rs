@@ -619,6 +619,7 @@ impl Committer {
         group
             .batch
             .insert(keys::META_ACKED, &l.acked_through.to_be_bytes());
+        let started = Instant::now();
         let result = self.tree.apply_batch(group.batch).and_then(|()| {
             if group.needs_flush {
                 self.flush()
@@ -626,6 +627,9 @@ impl Committer {
                 Ok(())
             }
         });
+        if let (true, Some(observer)) = (group.needs_flush, &self.options.on_commit) {
+            (observer.0)(started.elapsed());
+        }
         match result {
             Ok(()) => {
                 // Only committed fingerprints count: a redelivery of a

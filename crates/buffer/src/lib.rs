@@ -85,6 +85,22 @@ pub struct BufferOptions {
     /// Group commit: a group is written at once when it has this many records.
     pub flush_max_records: usize,
     pub dead_letter_max: u32,
+    /// Told how long each group commit that wrote to disk took.
+    pub on_commit: Option<CommitObserver>,
+}
+
+/// Called on the committer thread with the duration of each group commit
+/// that wrote to disk (sled's write and the fsync after it), e.g. to feed a
+/// histogram: the commit is where a durable append waits, so it is the
+/// first suspect for a latency tail. It must be quick; it delays the
+/// commits after it.
+#[derive(Clone)]
+pub struct CommitObserver(pub Arc<dyn Fn(Duration) + Send + Sync>);
+
+impl std::fmt::Debug for CommitObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitObserver")
+    }
 }
 
 impl BufferOptions {
@@ -96,6 +112,7 @@ impl BufferOptions {
             flush_max_delay: Duration::from_millis(2),
             flush_max_records: 50_000,
             dead_letter_max: 1000,
+            on_commit: None,
         }
     }
     pub fn buffer_dir(&self) -> PathBuf {

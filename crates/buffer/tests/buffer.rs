@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use edgefleet_buffer::{
-    AnchorOutcome, Buffer, BufferError, BufferOptions, DedupeKey, FullPolicy, Incoming, Outcome,
+    AnchorOutcome, Buffer, BufferError, BufferOptions, CommitObserver, DedupeKey, FullPolicy,
+    Incoming, Outcome,
 };
 use edgefleet_proto::{RawPayload, Record};
 
@@ -917,4 +918,31 @@ async fn what_an_append_reports_durable_is_not_left_dirty_in_memory() {
         "dirty pages after the append was reported durable: {:?}",
         unsynced.dirty
     );
+}
+
+/// The observer hears of every commit that wrote to disk, with its time,
+/// and of nothing else.
+#[tokio::test]
+async fn each_durable_commit_is_reported_with_its_duration() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let heard: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut opts = options(dir.path());
+    opts.on_commit = Some(CommitObserver(Arc::new({
+        let heard = heard.clone();
+        move |took| heard.lock().unwrap().push(took)
+    })));
+    let (buffer, _) = Buffer::open(opts).unwrap();
+    let before = heard.lock().unwrap().len();
+    for i in 0..3u8 {
+        buffer.append(vec![record("d1", &[i])]).await.unwrap();
+    }
+    let after_appends = heard.lock().unwrap().clone();
+    assert_eq!(after_appends.len(), before + 3, "{after_appends:?}");
+    assert!(after_appends[before..].iter().all(|d| !d.is_zero()));
+    // A reservation inside the window commits nothing, so nothing is heard.
+    buffer.before_send_ahead(1, 20).await.unwrap();
+    let reserved = heard.lock().unwrap().len();
+    buffer.before_send_ahead(2, 20).await.unwrap();
+    assert_eq!(heard.lock().unwrap().len(), reserved);
 }
