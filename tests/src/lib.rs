@@ -74,10 +74,7 @@ pub fn agent_command() -> Command {
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
+    let ephemeral_low = u32::from(ephemeral_ports_start());
     let low = 10_000u32;
     if ephemeral_low <= low + 1000 {
         // Too few ports below the range; fall back to what the kernel picks.
@@ -100,6 +97,15 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free loopback port in {low}..{ephemeral_low}");
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default when
+/// it cannot be read).
+pub fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
@@ -619,13 +625,7 @@ mod harness_tests {
 
     #[test]
     fn free_ports_are_below_the_ephemeral_range_and_not_repeated() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let low = ephemeral_ports_start();
         let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
         assert!(ports.iter().all(|&p| p < low), "{ports:?} vs {low}");
         let distinct: std::collections::BTreeSet<_> = ports.iter().collect();

@@ -139,14 +139,13 @@ impl CommitTail {
             .map(|&(bound, n)| (bound, n - at(before, bound)))
             .collect();
         let commits = delta.last().map_or(0.0, |&(_, n)| n);
-        let p99_at_most = delta
-            .iter()
-            .find(|&&(_, n)| n >= 0.99 * commits)
-            .map_or(f64::NAN, |&(bound, _)| bound);
-        let max_at_most = delta
-            .iter()
-            .find(|&&(_, n)| n >= commits)
-            .map_or(f64::NAN, |&(bound, _)| bound);
+        // The first bound with at least this share of the commits under it.
+        let bound_of = |share: f64| {
+            delta
+                .iter()
+                .find(|&&(_, n)| n >= share * commits)
+                .map_or(f64::NAN, |&(bound, _)| bound)
+        };
         let within_slow = delta
             .iter()
             .filter(|&&(bound, _)| bound <= slow)
@@ -154,9 +153,9 @@ impl CommitTail {
             .fold(0.0, f64::max);
         CommitTail {
             commits,
-            p99_at_most,
+            p99_at_most: bound_of(0.99),
             slower: commits - within_slow,
-            max_at_most,
+            max_at_most: bound_of(1.0),
         }
     }
 }
