@@ -9,28 +9,24 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use edgefleet_proto::encoded::telemetry_client::TelemetryClient;
 use edgefleet_proto::encoded::{AgentFrame, AgentFrameKind, BatchBuilder};
-use edgefleet_proto::{ingest_message, record, Hello, IngestMessage, Record};
+use edgefleet_proto::{ingest_message, EncodedRecord, Hello, IngestMessage, RecordWriter};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-/// The record the MQTT source makes of [`crate::mqtt::payload`].
-pub fn sample_record(device: u32, n: u64) -> Record {
+/// The record the MQTT source makes of [`crate::mqtt::payload`], as it
+/// hands it to the buffer (encoded, without `seq`).
+pub fn sample_encoded(device: u32, n: u64) -> EncodedRecord {
     let body = crate::mqtt::payload(n, device, crate::mqtt::now_ns());
-    let decoded = edge_agent::sources::json::decode(body.as_bytes()).expect("sample payload");
-    Record {
-        seq: 0,
-        source: "mqtt".into(),
-        device_id: format!("dev-{device:05}"),
-        timestamp_ns: decoded.timestamp_ns.unwrap_or_default(),
-        value: Some(record::Value::Signals(decoded.signals)),
-    }
-}
-
-/// [`sample_record`] as the agent's buffer stores it (without `seq`).
-pub fn sample_encoded(device: u32, n: u64) -> Vec<u8> {
-    prost::Message::encode_to_vec(&sample_record(device, n))
+    let mut signals = RecordWriter::new();
+    let timestamp_ns = edge_agent::sources::json::decode_into(body.as_bytes(), &mut signals)
+        .expect("sample payload");
+    signals.finish(
+        "mqtt",
+        &format!("dev-{device:05}"),
+        timestamp_ns.unwrap_or_default(),
+    )
 }
 
 pub struct AgentStream {
@@ -126,11 +122,11 @@ impl AgentStream {
     /// Sends `template`'s records (encoded without `seq`, as the agent's
     /// buffer holds them) as one batch with the next sequence numbers,
     /// numbered the way the agent's uplink numbers them.
-    pub async fn send(&mut self, template: &[Vec<u8>]) -> anyhow::Result<()> {
-        let bytes = template.iter().map(Vec::len).sum();
+    pub async fn send(&mut self, template: &[EncodedRecord]) -> anyhow::Result<()> {
+        let bytes = template.iter().map(EncodedRecord::len).sum();
         let mut batch = BatchBuilder::with_capacity(template.len(), bytes);
         for (i, encoded) in template.iter().enumerate() {
-            batch.push(encoded, self.next_seq + i as u64);
+            batch.push(encoded.as_bytes(), self.next_seq + i as u64);
         }
         let count = template.len() as u64;
         self.next_seq += count;

@@ -10,6 +10,9 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod encoded;
+mod record_writer;
+
+pub use record_writer::{EncodedRecord, RecordWriter, SignalValue};
 
 /// The protocol revision this crate describes (`Hello.protocol_revision`).
 pub const PROTOCOL_REVISION: u32 = 1;

@@ -8,7 +8,7 @@ use edgefleet_buffer::{Buffer, BufferOptions, Incoming};
 use edgefleet_tests::{AgentOptions, Fleet};
 
 use super::{rate_series, time_reaching, Sampler};
-use crate::grpc::sample_record;
+use crate::grpc::sample_encoded;
 use crate::mqtt;
 use crate::report::ScenarioResult;
 use crate::sys;
@@ -36,7 +36,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
             .map(|i| {
                 let device = (i % 100) as u32;
                 payload_bytes += mqtt::payload(i, device, mqtt::now_ns()).len() as u64;
-                Incoming::from(sample_record(device, i))
+                Incoming::from(sample_encoded(device, i))
             })
             .collect();
         buffer.append(records).await?;

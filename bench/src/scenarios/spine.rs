@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgefleet_buffer::{Buffer, BufferOptions, Incoming};
-use edgefleet_proto::Record;
+use edgefleet_proto::EncodedRecord;
 
 use super::{histogram, mib, rate_series, start_ingest, value_at, Sampler};
-use crate::grpc::{sample_encoded, sample_record, AgentStream};
+use crate::grpc::{sample_encoded, AgentStream};
 use crate::report::ScenarioResult;
 use crate::sys;
 use crate::Ctx;
@@ -28,9 +28,11 @@ const BATCH: usize = 2000;
 const APPEND_CHUNK: usize = edge_agent::sources::mqtt::MAX_MESSAGES_PER_APPEND;
 const PRODUCERS: usize = edge_agent::sources::mqtt::MAX_APPENDS_IN_FLIGHT;
 
-pub fn templates() -> Vec<Record> {
+/// What the MQTT source hands the buffer for [`BATCH`] messages of 100
+/// devices: records already in their wire form.
+pub fn templates() -> Vec<EncodedRecord> {
     (0..BATCH as u64)
-        .map(|i| sample_record((i % 100) as u32, i))
+        .map(|i| sample_encoded((i % 100) as u32, i))
         .collect()
 }
 
@@ -44,9 +46,6 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         &["localhost".into(), "127.0.0.1".into()],
     )?;
     let templates = templates();
-    let encoded_templates: Vec<Vec<u8>> = (0..BATCH as u64)
-        .map(|i| sample_encoded((i % 100) as u32, i))
-        .collect();
     let payload_bytes: usize = (0..100u64)
         .map(|n| crate::mqtt::payload(n, 1, crate::mqtt::now_ns()).len())
         .sum::<usize>()
@@ -75,7 +74,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let mut ack_latency = histogram();
     while start.elapsed() < phase || stream.inflight() > 0 {
         if stream.can_send() && start.elapsed() < phase {
-            stream.send(&encoded_templates).await?;
+            stream.send(&templates).await?;
             continue;
         }
         for l in stream.next_ack().await? {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use edgefleet_buffer::{Buffer, BufferOptions, DedupeKey, FullPolicy, Incoming};
 use edgefleet_proto::record::Value;
-use edgefleet_proto::{signal, Record, Signal, Signals};
+use edgefleet_proto::{signal, EncodedRecord, Record, Signal, Signals};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -90,11 +90,10 @@ async fn run(secs: u64, total: u64, appenders: u64, batch: usize, dedupe: bool) 
     options.max_bytes = 1 << 30;
     options.when_full = FullPolicy::Block;
     let (buffer, _) = Buffer::open(options).expect("open");
-    let templates: Vec<Record> = (0..1000).map(|i| sample(i, i % 100)).collect();
-    let size = {
-        use prost::Message;
-        templates.iter().map(|r| r.encoded_len()).sum::<usize>() / templates.len()
-    };
+    let templates: Vec<EncodedRecord> = (0..1000)
+        .map(|i| EncodedRecord::from(sample(i, i % 100)))
+        .collect();
+    let size = templates.iter().map(EncodedRecord::len).sum::<usize>() / templates.len();
     println!(
         "append_rate: {appenders} appenders x {batch} records/append, ~{size} bytes/record, dedupe={dedupe}, {}",
         if total > 0 {

@@ -21,7 +21,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tokio::sync::{oneshot, watch};
 
 use crate::dedupe::{self, DedupeMemory};
@@ -361,23 +360,13 @@ impl Committer {
         }
     }
 
-    fn append(
-        &mut self,
-        mut records: Vec<Incoming>,
-        reply: Reply<Vec<Outcome>>,
-        group: &mut Group,
-    ) {
-        // Sizes as stored: without the sequence number (it is implied by
-        // the position in the segment), length-delimited, with a header.
-        // Each record's length is computed once here: for a record of
-        // signals that walks every nested message, and it was the top of
-        // this thread's profile when done again for the push.
+    fn append(&mut self, records: Vec<Incoming>, reply: Reply<Vec<Outcome>>, group: &mut Group) {
+        // Sizes as stored: records come without their sequence number (it
+        // is implied by the position in the segment), and are stored
+        // length-delimited, with a header per segment.
         let mut lens = std::mem::take(&mut self.lens);
         lens.clear();
-        lens.extend(records.iter_mut().map(|r| {
-            r.record.seq = 0;
-            r.record.encoded_len()
-        }));
+        lens.extend(records.iter().map(|r| r.record.len()));
         // What the append takes on disk at most, with the header of every
         // segment it starts: under `Block` it must fit whole, or a record
         // near the cap would be dropped instead of waiting for room.
@@ -432,7 +421,7 @@ impl Committer {
                 segment::start(&mut self.segment);
                 group.segment_first = seq;
             }
-            let pushed = segment::push(&mut self.segment, &record, len) as u64;
+            let pushed = segment::push_encoded(&mut self.segment, record.as_bytes()) as u64;
             debug_assert_eq!(pushed + header, size);
             group.segment_records += 1;
             self.levels.next_seq += 1;

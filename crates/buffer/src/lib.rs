@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgefleet_proto::encoded::{check_record, BatchBuilder, EncodedBatch};
-use edgefleet_proto::Record;
+use edgefleet_proto::{EncodedRecord, Record};
 use tokio::sync::{oneshot, watch};
 
 pub use committer::AnchorOutcome;
@@ -135,18 +135,28 @@ pub struct DedupeKey {
 }
 
 /// A record on its way into the buffer. Its `seq` is assigned by the buffer.
+///
+/// The record comes encoded: sources write their records' wire form
+/// directly ([`edgefleet_proto::RecordWriter`]) and the committer thread,
+/// which every append passes through, only copies the bytes.
 #[derive(Debug, Clone)]
 pub struct Incoming {
-    pub record: Record,
+    pub record: EncodedRecord,
     pub dedupe: Option<DedupeKey>,
 }
 
-impl From<Record> for Incoming {
-    fn from(record: Record) -> Self {
+impl From<EncodedRecord> for Incoming {
+    fn from(record: EncodedRecord) -> Self {
         Incoming {
             record,
             dedupe: None,
         }
+    }
+}
+
+impl From<Record> for Incoming {
+    fn from(record: Record) -> Self {
+        Incoming::from(EncodedRecord::from(record))
     }
 }
 

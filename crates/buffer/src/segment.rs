@@ -87,16 +87,6 @@ pub fn starts_new(open_len: usize, encoded_len: usize) -> bool {
     open_len == 0 || open_len + stored_len(encoded_len) > MAX_BYTES
 }
 
-/// Appends a record whose `encoded_len()` is `len`; returns the bytes it
-/// took.
-pub fn push(buf: &mut Vec<u8>, record: &Record, len: usize) -> usize {
-    debug_assert_eq!(record.encoded_len(), len);
-    let before = buf.len();
-    prost::encoding::encode_varint(len as u64, buf);
-    record.encode_raw(buf);
-    buf.len() - before
-}
-
 /// Appends an already encoded record; returns the bytes it took.
 pub fn push_encoded(buf: &mut Vec<u8>, encoded: &[u8]) -> usize {
     let before = buf.len();

@@ -358,7 +358,7 @@ async fn a_partly_acked_segment_stays_until_its_last_record_is_acked() {
     );
     let read = buffer.read_from(16, 100, usize::MAX).unwrap();
     assert_eq!(seqs(&read), (16..=20).collect::<Vec<_>>());
-    assert_eq!(read[0].value, record("d", &[15]).record.value);
+    assert_eq!(read[0].value, record("d", &[15]).record.to_record().value);
     // Acking the same range again changes nothing.
     buffer.ack(15).await.unwrap();
     assert_eq!(buffer.stats().records, 5);
@@ -382,11 +382,17 @@ async fn reads_start_in_the_middle_of_a_segment_and_keep_the_limits() {
         .unwrap();
     let read = buffer.read_from(7, 5, usize::MAX).unwrap();
     assert_eq!(seqs(&read), [7, 8, 9, 10, 11]);
-    assert_eq!(read[0].value, record("d", &[6; 10]).record.value);
+    assert_eq!(
+        read[0].value,
+        record("d", &[6; 10]).record.to_record().value
+    );
     // Running from one segment into the next.
     let read = buffer.read_from(18, 100, usize::MAX).unwrap();
     assert_eq!(seqs(&read), (18..=30).collect::<Vec<_>>());
-    assert_eq!(read[3].value, record("d", &[20; 10]).record.value);
+    assert_eq!(
+        read[3].value,
+        record("d", &[20; 10]).record.to_record().value
+    );
     // At least one record, however small the byte limit.
     assert_eq!(seqs(&buffer.read_from(21, 100, 1).unwrap()), [21]);
     let one = buffer.read_from(21, 1, usize::MAX).unwrap()[0].clone();
@@ -550,7 +556,7 @@ async fn an_anchor_renumbers_every_segment() {
     );
     let read = buffer.read_from(101, 100, usize::MAX).unwrap();
     assert_eq!(seqs(&read), (101..=109).collect::<Vec<_>>());
-    assert_eq!(read[4].value, record("d", &[1, 1]).record.value);
+    assert_eq!(read[4].value, record("d", &[1, 1]).record.to_record().value);
     assert_eq!(buffer.stats().bytes, bytes);
     // Partly ack the middle segment, then the ingest claims more than was
     // ever issued: renumber again, from the first unacked record.
@@ -568,7 +574,7 @@ async fn an_anchor_renumbers_every_segment() {
     );
     let read = buffer.read_from(1001, 100, usize::MAX).unwrap();
     assert_eq!(seqs(&read), [1001, 1002, 1003, 1004]);
-    assert_eq!(read[0].value, record("d", &[1, 2]).record.value);
+    assert_eq!(read[0].value, record("d", &[1, 2]).record.to_record().value);
     buffer.close().await.unwrap();
     drop(buffer);
     let (buffer, report) = Buffer::open(options(dir.path())).unwrap();
@@ -659,7 +665,9 @@ async fn a_format_1_buffer_is_migrated_without_losing_a_record() {
     let records: Vec<Record> = (41..=9001u64)
         .filter(|seq| seq % 1000 != 0 && !(5000..5100).contains(seq))
         .map(|seq| {
-            let mut r = record(&format!("dev-{}", seq % 13), &seq.to_be_bytes()).record;
+            let mut r = record(&format!("dev-{}", seq % 13), &seq.to_be_bytes())
+                .record
+                .to_record();
             r.seq = seq;
             r.timestamp_ns = seq as i64;
             r

@@ -1,6 +1,8 @@
 //! JSON payloads → signals.
 
-use edgefleet_proto::{signal, Signal, Signals};
+use std::fmt::Write;
+
+use edgefleet_proto::{RecordWriter, SignalValue};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PayloadError {
@@ -18,17 +20,24 @@ pub enum PayloadError {
     Empty,
 }
 
-/// Decoded payload: its signals, and the device's own timestamp if it gave one.
-#[derive(Debug, PartialEq)]
-pub struct DecodedJson {
-    pub signals: Signals,
-    pub timestamp_ns: Option<i64>,
-}
-
+/// Writes the payload's signals to `signals` and returns the device's own
+/// timestamp, if it gave one. On an error nothing is left in `signals`.
+///
 /// Numbers, bools and strings become signals; nested objects are flattened to
 /// dotted names and arrays to indexed ones (`cells.0`); nulls are skipped.
 /// A numeric top-level `ts` (milliseconds) or `timestamp_ns` sets the time.
-pub fn decode(payload: &[u8]) -> Result<DecodedJson, PayloadError> {
+pub fn decode_into(
+    payload: &[u8],
+    signals: &mut RecordWriter,
+) -> Result<Option<i64>, PayloadError> {
+    let result = write_signals(payload, signals);
+    if result.is_err() {
+        signals.clear();
+    }
+    result
+}
+
+fn write_signals(payload: &[u8], signals: &mut RecordWriter) -> Result<Option<i64>, PayloadError> {
     let value: serde_json::Value =
         serde_json::from_slice(payload).map_err(|e| PayloadError::Syntax {
             line: e.line(),
@@ -44,8 +53,10 @@ pub fn decode(payload: &[u8]) -> Result<DecodedJson, PayloadError> {
         return Err(PayloadError::NotAnObject(kind(&value)));
     };
     let mut timestamp_ns = None;
-    let mut signals = Vec::with_capacity(map.len());
-    for (key, value) in map {
+    // One name buffer for the whole payload: nested names are built in it
+    // and cut back, not allocated per signal.
+    let mut name = String::new();
+    for (key, value) in &map {
         match key.as_str() {
             "ts" => {
                 // Integer milliseconds stay exact; f64 would round at ns scale.
@@ -66,47 +77,50 @@ pub fn decode(payload: &[u8]) -> Result<DecodedJson, PayloadError> {
                         .ok_or_else(|| PayloadError::BadTimestamp(key.clone()))?,
                 );
             }
-            _ => flatten(&key, value, &mut signals),
+            _ => {
+                name.clear();
+                name.push_str(key);
+                flatten(&mut name, value, signals);
+            }
         }
     }
     if signals.is_empty() {
         return Err(PayloadError::Empty);
     }
-    Ok(DecodedJson {
-        signals: Signals { signals },
-        timestamp_ns,
-    })
+    Ok(timestamp_ns)
 }
 
-fn flatten(name: &str, value: serde_json::Value, out: &mut Vec<Signal>) {
+fn flatten(name: &mut String, value: &serde_json::Value, out: &mut RecordWriter) {
     use serde_json::Value;
     let v = match value {
         Value::Null => return,
-        Value::Bool(b) => signal::Value::Bool(b),
+        Value::Bool(b) => SignalValue::Bool(*b),
         Value::Number(n) => match n.as_i64() {
-            Some(i) => signal::Value::I64(i),
-            None => signal::Value::F64(n.as_f64().unwrap_or(f64::NAN)),
+            Some(i) => SignalValue::I64(i),
+            None => SignalValue::F64(n.as_f64().unwrap_or(f64::NAN)),
         },
-        Value::String(s) => signal::Value::Str(s),
+        Value::String(s) => SignalValue::Str(s),
         Value::Array(items) => {
-            for (i, item) in items.into_iter().enumerate() {
-                flatten(&format!("{name}.{i}"), item, out);
+            let parent = name.len();
+            for (i, item) in items.iter().enumerate() {
+                let _ = write!(name, ".{i}");
+                flatten(name, item, out);
+                name.truncate(parent);
             }
             return;
         }
         Value::Object(map) => {
+            let parent = name.len();
             for (key, item) in map {
-                flatten(&format!("{name}.{key}"), item, out);
+                name.push('.');
+                name.push_str(key);
+                flatten(name, item, out);
+                name.truncate(parent);
             }
             return;
         }
     };
-    out.push(Signal {
-        name: name.to_string(),
-        value: Some(v),
-        unit: String::new(),
-        label: String::new(),
-    });
+    out.signal(name, v);
 }
 
 fn kind(value: &serde_json::Value) -> &'static str {
@@ -123,10 +137,21 @@ fn kind(value: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgefleet_proto::{record, signal, Signal};
 
-    fn names(d: &DecodedJson) -> Vec<(&str, &signal::Value)> {
-        d.signals
-            .signals
+    /// Decodes a payload and reads back the record it wrote.
+    fn decode(payload: &[u8]) -> Result<(Vec<Signal>, Option<i64>), PayloadError> {
+        let mut writer = RecordWriter::new();
+        let timestamp_ns = decode_into(payload, &mut writer)?;
+        let record = writer.finish("mqtt", "dev", 1).to_record();
+        let Some(record::Value::Signals(signals)) = record.value else {
+            panic!("not signals: {record:?}");
+        };
+        Ok((signals.signals, timestamp_ns))
+    }
+
+    fn names(signals: &[Signal]) -> Vec<(&str, &signal::Value)> {
+        signals
             .iter()
             .map(|s| (s.name.as_str(), s.value.as_ref().unwrap()))
             .collect()
@@ -134,10 +159,10 @@ mod tests {
 
     #[test]
     fn flattens_nested_objects_and_keeps_types() {
-        let d = decode(br#"{"ts": 1700000000123, "temp": 21.5, "count": 3, "on": true, "mode": "eco", "motor": {"rpm": 1200, "i": [1.5, 2]}, "gone": null}"#).unwrap();
-        assert_eq!(d.timestamp_ns, Some(1_700_000_000_123_000_000));
+        let (signals, timestamp_ns) = decode(br#"{"ts": 1700000000123, "temp": 21.5, "count": 3, "on": true, "mode": "eco", "motor": {"rpm": 1200, "i": [1.5, 2]}, "gone": null}"#).unwrap();
+        assert_eq!(timestamp_ns, Some(1_700_000_000_123_000_000));
         assert_eq!(
-            names(&d),
+            names(&signals),
             // Object keys come out sorted (serde_json's map), so the
             // signal order is stable whatever order the device used.
             [
@@ -169,5 +194,19 @@ mod tests {
             Err(PayloadError::BadTimestamp("ts".into()))
         );
         assert!(decode(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn a_refused_payload_leaves_nothing_behind_for_the_next_one() {
+        let mut writer = RecordWriter::new();
+        // `a` is written before `ts` is found bad (keys come sorted).
+        assert!(decode_into(br#"{"a": 1, "ts": "soon"}"#, &mut writer).is_err());
+        assert!(writer.is_empty());
+        decode_into(br#"{"b": 2}"#, &mut writer).unwrap();
+        let record = writer.finish("mqtt", "dev", 1).to_record();
+        let Some(record::Value::Signals(signals)) = record.value else {
+            panic!("not signals");
+        };
+        assert_eq!(signals.signals, vec![Signal::i64("b", 2)]);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use edgefleet_buffer::{DeadLetter, DedupeKey, Incoming, Outcome};
 use edgefleet_config::{MqttSource as MqttConfig, PayloadFormat};
-use edgefleet_proto::{record, RawPayload, Record};
+use edgefleet_proto::{EncodedRecord, RecordWriter};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use rumqttc::{
@@ -375,8 +375,9 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, publishes: Vec<Publ
     // acknowledged in its turn, and never blocks the ones behind it.
     let mut slots = Vec::with_capacity(publishes.len());
     let mut incoming = Vec::with_capacity(publishes.len());
+    let mut signals = RecordWriter::new();
     for publish in &publishes {
-        match to_record(routes, name, publish) {
+        match to_record(routes, name, publish, &mut signals) {
             Ok(record) => {
                 let dedupe = (publish.qos != QoS::AtMostOnce).then(|| DedupeKey {
                     key: [name.as_bytes(), b"/", &publish.pkid.to_be_bytes()].concat(),
@@ -456,7 +457,14 @@ async fn acknowledge(
     }
 }
 
-fn to_record(routes: &[Route], name: &str, publish: &Publish) -> Result<Record, String> {
+/// The record of one message, written straight to its wire form (the
+/// buffer stores it as it is).
+fn to_record(
+    routes: &[Route],
+    name: &str,
+    publish: &Publish,
+    signals: &mut RecordWriter,
+) -> Result<EncodedRecord, String> {
     let route = routes
         .iter()
         .find(|r| topic_matches(&r.filter, &publish.topic))
@@ -464,32 +472,22 @@ fn to_record(routes: &[Route], name: &str, publish: &Publish) -> Result<Record, 
     let device_id = match &route.device {
         Some(pattern) => pattern
             .device(&publish.topic)
-            .ok_or_else(|| "topic does not match deviceFromTopic".to_string())?
-            .to_string(),
-        None => publish.topic.clone(),
+            .ok_or_else(|| "topic does not match deviceFromTopic".to_string())?,
+        None => publish.topic.as_str(),
     };
-    let (value, timestamp_ns) = match route.payload {
+    Ok(match route.payload {
         PayloadFormat::Json => {
-            let decoded = json::decode(&publish.payload).map_err(|e| e.to_string())?;
-            (
-                record::Value::Signals(decoded.signals),
-                decoded.timestamp_ns,
-            )
+            let timestamp_ns =
+                json::decode_into(&publish.payload, signals).map_err(|e| e.to_string())?;
+            signals.finish(name, device_id, timestamp_ns.unwrap_or_else(crate::now_ns))
         }
-        PayloadFormat::Raw => (
-            record::Value::Raw(RawPayload {
-                data: publish.payload.to_vec(),
-                content_type: route.content_type.clone(),
-            }),
-            None,
+        PayloadFormat::Raw => RecordWriter::raw(
+            name,
+            device_id,
+            crate::now_ns(),
+            &publish.payload,
+            &route.content_type,
         ),
-    };
-    Ok(Record {
-        seq: 0,
-        source: name.to_string(),
-        device_id,
-        timestamp_ns: timestamp_ns.unwrap_or_else(crate::now_ns),
-        value: Some(value),
     })
 }
 
