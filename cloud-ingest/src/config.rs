@@ -6,6 +6,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Unacknowledged batches per agent by default. A batch waits in the
+/// ingest for its group commit (one fsync, ~10 ms on the benchmark
+/// machine's disk), so the window has to cover several commits: with 8
+/// the `spine` drain stopped at ~340k rec/s with most of a core idle; 16
+/// and 32 both reached the source's own bound of ~520k rec/s
+/// (BENCHMARKS.md, "spine"). 32 also covers the bandwidth-delay product
+/// of a backlog drained over a slow link (32 × 2,000 records per 100 ms
+/// round trip). Memory stays bounded by `byte_budget`, across agents.
+pub const DEFAULT_CREDIT: u32 = 32;
+
 /// Everything [`crate::serve`] needs. Start from [`IngestConfig::new`] and
 /// change what differs from the defaults.
 #[derive(Debug, Clone)]
@@ -53,7 +63,7 @@ impl IngestConfig {
             metrics_listen: None,
             health_listen: None,
             max_message_bytes: 4 * 1024 * 1024,
-            credit: 8,
+            credit: DEFAULT_CREDIT,
             byte_budget: 256 * 1024 * 1024,
             heartbeat_interval: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),

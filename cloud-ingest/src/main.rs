@@ -118,7 +118,7 @@ struct ServeArgs {
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     max_message_bytes: usize,
     /// Unacknowledged batches an agent may have in flight.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = cloud_ingest::config::DEFAULT_CREDIT)]
     credit: u32,
     /// Received-but-uncommitted bytes across all agents; when used up, the
     /// server stops reading until commits catch up.

@@ -29,7 +29,7 @@ async fn hello_ack_then_pipelined_batches_are_acked_in_order_and_queryable() {
     let (mut stream, ack) = AgentStream::hello(&mut client, "gw-1").await;
     assert_eq!(ack.stored_through, 0);
     assert_eq!(ack.agent_id, "gw-1");
-    assert_eq!(ack.credit, 8);
+    assert_eq!(ack.credit, cloud_ingest::config::DEFAULT_CREDIT);
     assert_eq!(ack.max_message_bytes, 4 * 1024 * 1024);
     assert_eq!(ack.heartbeat_interval_ms, 10_000);
     assert!(!ack.ingest_version.is_empty());
