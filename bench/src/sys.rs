@@ -37,21 +37,28 @@ fn clock_ticks() -> f64 {
 
 /// A `kB` field of `/proc/<pid>/status` (VmRSS, VmHWM), in bytes.
 pub fn status_bytes(pid: i32, field: &str) -> u64 {
+    proc_field(pid, "status", field).map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes the process has sent (or dirtied for) the block layer:
+/// `write_bytes` of `/proc/<pid>/io`. Counts what reaches the disk, with
+/// the storage engine's write amplification, not what `write` was given.
+pub fn written_bytes(pid: i32) -> u64 {
+    proc_field(pid, "io", "write_bytes").unwrap_or(0)
+}
+
+/// The first number after `field:` in `/proc/<pid>/<file>` (0: this process).
+fn proc_field(pid: i32, file: &str, field: &str) -> Option<u64> {
     let path = if pid == 0 {
-        "/proc/self/status".to_string()
+        format!("/proc/self/{file}")
     } else {
-        format!("/proc/{pid}/status")
+        format!("/proc/{pid}/{file}")
     };
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|line| {
-                let rest = line.strip_prefix(field)?.strip_prefix(':')?;
-                rest.split_whitespace().next()?.parse::<u64>().ok()
-            })
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse::<u64>().ok()
+    })
 }
 
 pub fn rss(pid: i32) -> u64 {

@@ -123,6 +123,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let appended = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let cpu2 = (sys::cpu_seconds(0), sys::cpu_seconds(ingest.pid()));
+    let written2 = (sys::written_bytes(0), sys::written_bytes(ingest.pid()));
     let commits0 = super::commit_totals(ingest.metrics_port);
     let start = Instant::now();
     let mut producers = Vec::new();
@@ -147,6 +148,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let stored_at_end = ingest.stored();
     let secs = start.elapsed().as_secs_f64();
     let cpu3 = (sys::cpu_seconds(0), sys::cpu_seconds(ingest.pid()));
+    let written3 = (sys::written_bytes(0), sys::written_bytes(ingest.pid()));
+    let appended_at_end = appended.load(Ordering::Relaxed);
     let commits1 = super::commit_totals(ingest.metrics_port);
     stop.store(true, Ordering::Relaxed);
     for p in producers {
@@ -206,6 +209,25 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         "spine: ingest CPU per million records",
         (cpu3.1 - cpu2.1) / stored_in_phase * 1e6,
         "CPU s",
+    );
+    // The disk is the other resource the spine uses up: both sides write
+    // every record, and sled rewrites pages as it goes.
+    let record_bytes =
+        templates.iter().map(EncodedRecord::len).sum::<usize>() as f64 / templates.len() as f64;
+    result.figure(
+        "record as the buffer stores it (encoded, no seq)",
+        record_bytes,
+        "bytes",
+    );
+    result.figure(
+        "spine: bench process (buffer) bytes written to disk per appended record",
+        written3.0.saturating_sub(written2.0) as f64 / (appended_at_end.max(1) as f64),
+        "bytes",
+    );
+    result.figure(
+        "spine: ingest (store) bytes written to disk per stored record",
+        written3.1.saturating_sub(written2.1) as f64 / stored_in_phase,
+        "bytes",
     );
     result.figure(
         "transport: sender CPU per million records",
