@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use edgefleet_can::CanFrame;
 use edgefleet_config::{CanFilter as FilterConfig, CanSource as CanConfig};
-use edgefleet_proto::Record;
+use edgefleet_proto::EncodedRecord;
 use futures::future::BoxFuture;
 use socketcan::{CanAnyFrame, CanTimestamps, EmbeddedFrame, Frame, SocketOptions};
 use tokio::sync::mpsc;
@@ -99,7 +99,7 @@ async fn run(config: CanConfig, ctx: SourceContext) -> Result<(), SourceError> {
 
     let mut tally = Tally::default();
     let mut batch: Vec<Received> = Vec::with_capacity(MAX_FRAMES_PER_APPEND);
-    let mut records: Vec<Record> = Vec::with_capacity(MAX_FRAMES_PER_APPEND);
+    let mut records: Vec<EncodedRecord> = Vec::with_capacity(MAX_FRAMES_PER_APPEND);
     // Runs until the reader stops (on shutdown) and its queue is drained, so
     // frames already taken off the socket are still written.
     while let Some(first) = rx.recv().await {

@@ -33,7 +33,7 @@ use edgefleet_can::{
     CanFrame, DecodeError, DecodedFrame, Decoder, ReduceConfig, ReduceRule, Reducer, SignalValue,
 };
 use edgefleet_config::{Reduction, ReductionRule, UnknownFrames};
-use edgefleet_proto::{record, signal, RawPayload, Record, Signal, Signals};
+use edgefleet_proto::{EncodedRecord, RecordWriter, SignalValue as WireValue};
 
 use crate::metrics::Metrics;
 
@@ -214,6 +214,7 @@ pub struct FrameMapper {
     unknown: UnknownFrames,
     scratch: DecodedFrame,
     selected: Vec<usize>,
+    writer: RecordWriter,
 }
 
 impl FrameMapper {
@@ -230,6 +231,7 @@ impl FrameMapper {
             unknown,
             scratch: DecodedFrame::default(),
             selected: Vec::new(),
+            writer: RecordWriter::new(),
         }
     }
 
@@ -249,7 +251,7 @@ impl FrameMapper {
         &mut self,
         frame: &CanFrame,
         timestamp_ns: i64,
-        out: &mut Vec<Record>,
+        out: &mut Vec<EncodedRecord>,
     ) -> FrameOutcome {
         match self.decoder.decode_into(frame, &mut self.scratch) {
             Ok(()) => {
@@ -259,29 +261,23 @@ impl FrameMapper {
                 if self.selected.is_empty() {
                     return FrameOutcome::ReducedAway;
                 }
-                let signals = self
-                    .selected
-                    .iter()
-                    .map(|&i| {
-                        let s = &self.scratch.signals[i];
-                        Signal {
-                            name: s.name.to_string(),
-                            value: Some(match s.value {
-                                SignalValue::Int(v) => signal::Value::I64(v),
-                                SignalValue::Float(v) => signal::Value::F64(v),
-                            }),
-                            unit: s.unit.to_string(),
-                            label: s.label.as_deref().unwrap_or_default().to_string(),
-                        }
-                    })
-                    .collect();
-                out.push(Record {
-                    seq: 0,
-                    source: self.source.clone(),
-                    device_id: self.scratch.message.to_string(),
-                    timestamp_ns,
-                    value: Some(record::Value::Signals(Signals { signals })),
-                });
+                for &i in &self.selected {
+                    let s = &self.scratch.signals[i];
+                    let value = match s.value {
+                        SignalValue::Int(v) => WireValue::I64(v),
+                        SignalValue::Float(v) => WireValue::F64(v),
+                    };
+                    self.writer.signal_with(
+                        &s.name,
+                        value,
+                        &s.unit,
+                        s.label.as_deref().unwrap_or_default(),
+                    );
+                }
+                out.push(
+                    self.writer
+                        .finish(&self.source, &self.scratch.message, timestamp_ns),
+                );
                 FrameOutcome::Decoded
             }
             Err(DecodeError::NoDbcEntry { .. }) => match self.unknown {
@@ -303,22 +299,19 @@ impl FrameMapper {
         }
     }
 
-    fn raw_record(&self, frame: &CanFrame, timestamp_ns: i64) -> Record {
-        Record {
-            seq: 0,
-            source: self.source.clone(),
-            device_id: device_for_id(frame.id(), frame.is_extended()),
+    fn raw_record(&self, frame: &CanFrame, timestamp_ns: i64) -> EncodedRecord {
+        let content_type = if frame.is_fd() {
+            CANFD_FRAME_CONTENT_TYPE
+        } else {
+            CAN_FRAME_CONTENT_TYPE
+        };
+        RecordWriter::raw(
+            &self.source,
+            &device_for_id(frame.id(), frame.is_extended()),
             timestamp_ns,
-            value: Some(record::Value::Raw(RawPayload {
-                data: raw_frame_bytes(frame),
-                content_type: if frame.is_fd() {
-                    CANFD_FRAME_CONTENT_TYPE
-                } else {
-                    CAN_FRAME_CONTENT_TYPE
-                }
-                .to_string(),
-            })),
-        }
+            &raw_frame_bytes(frame),
+            content_type,
+        )
     }
 }
 
@@ -346,7 +339,7 @@ pub fn raw_frame_bytes(frame: &CanFrame) -> Vec<u8> {
 /// acknowledge to, so there is nothing to wait for beyond durability; with
 /// the `Block` policy this simply waits for room. Returns false when the
 /// buffer is closed (the agent is stopping).
-pub async fn append(ctx: &super::SourceContext, name: &str, records: Vec<Record>) -> bool {
+pub async fn append(ctx: &super::SourceContext, name: &str, records: Vec<EncodedRecord>) -> bool {
     if records.is_empty() {
         return true;
     }
@@ -435,6 +428,7 @@ pub async fn wait_for_change(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgefleet_proto::{record, signal, Record, Signal};
 
     const DBC: &str = r#"VERSION ""
 
@@ -472,6 +466,11 @@ VAL_ 256 Gear 0 "Park" 1 "Drive" ;
         CanFrame::new(0x100, false, &[r[0], r[1], gear, temp_raw, 0, 0, 0, 0]).unwrap()
     }
 
+    /// The records a mapper wrote, decoded to check them.
+    fn decoded(out: &[EncodedRecord]) -> Vec<Record> {
+        out.iter().map(EncodedRecord::to_record).collect()
+    }
+
     fn signals(r: &Record) -> &[Signal] {
         match &r.value {
             Some(record::Value::Signals(s)) => &s.signals,
@@ -486,7 +485,7 @@ VAL_ 256 Gear 0 "Park" 1 "Drive" ;
         let outcome = m.map(&engine(8000, 1, 130), 1_700_000_000_123_000_000, &mut out);
         assert_eq!(outcome, FrameOutcome::Decoded);
         assert_eq!(out.len(), 1);
-        let r = &out[0];
+        let r = &decoded(&out)[0];
         assert_eq!(r.source, "can0");
         assert_eq!(r.device_id, "Engine");
         assert_eq!(r.timestamp_ns, 1_700_000_000_123_000_000);
@@ -516,6 +515,7 @@ VAL_ 256 Gear 0 "Park" 1 "Drive" ;
             tally.add(raw.map(f, 5, &mut out));
         }
         assert_eq!(tally.unknown_raw, 3);
+        let out = decoded(&out);
         assert_eq!(out.len(), 3);
         let raw_of = |r: &Record| match &r.value {
             Some(record::Value::Raw(p)) => p.clone(),
@@ -588,9 +588,14 @@ VAL_ 256 Gear 0 "Park" 1 "Drive" ;
         let mut m = mapper(&reduction, UnknownFrames::Raw);
         let ms = 1_000_000i64;
         let mut out = Vec::new();
-        let names = |out: &Vec<Record>| -> Vec<String> {
+        let names = |out: &Vec<EncodedRecord>| -> Vec<String> {
             out.last()
-                .map(|r| signals(r).iter().map(|s| s.name.clone()).collect())
+                .map(|r| {
+                    signals(&r.to_record())
+                        .iter()
+                        .map(|s| s.name.clone())
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         // First frame: everything.

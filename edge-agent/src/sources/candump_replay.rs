@@ -24,7 +24,7 @@ use edgefleet_can::candump::{CandumpError, CandumpReader, LogEntry};
 use edgefleet_can::replay::{ReplayStream, Speed};
 use edgefleet_can::{Decoder, ReduceConfig};
 use edgefleet_config::CandumpReplaySource as ReplayConfig;
-use edgefleet_proto::Record;
+use edgefleet_proto::EncodedRecord;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 
@@ -206,7 +206,7 @@ impl Replay<'_> {
 
     /// Maps and appends a batch; false if the buffer is gone.
     async fn append(&mut self, batch: &mut Vec<(i64, LogEntry)>) -> bool {
-        let mut records: Vec<Record> = Vec::with_capacity(batch.len());
+        let mut records: Vec<EncodedRecord> = Vec::with_capacity(batch.len());
         for (t, entry) in batch.drain(..) {
             let source: Arc<str> = match &self.config.source {
                 Some(s) => Arc::from(s.as_str()),
@@ -234,6 +234,7 @@ mod tests {
     use crate::metrics::Metrics;
     use edgefleet_buffer::{Buffer, BufferOptions};
     use edgefleet_config::UnknownFrames;
+    use edgefleet_proto::Record;
     use edgefleet_proto::{record, signal};
     use tokio_util::sync::CancellationToken;
 
