@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::dedupe::{self, DedupeMemory};
+use crate::dedupe::{self, DedupeMemory, Position};
 use crate::{keys, segment};
 use crate::{
     BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Incoming, Levels, Outcome,
@@ -100,25 +100,48 @@ pub(crate) struct Committer {
 
 /// Where the dedupe memory is stored: each group's updates as values
 /// `j` + n of a few KiB each (`dedupe::LogEntries`), replayed in order at
-/// start. When the log has grown well past the
-/// number of keys, one group writes the whole memory as a new entry and
-/// deletes the older ones (a snapshot), so the log stays proportional to
-/// the keys. Format 1 kept one `q` key per dedupe key; those are read at
-/// start and removed by the first snapshot.
+/// start. When the log has grown well past the number of keys, a snapshot
+/// pass writes the whole memory again, [`SNAPSHOT_SLICE_KEYS`] keys per
+/// group; once it has written the last key, every entry before the pass's
+/// first one is superseded, and those are deleted [`STALE_PER_GROUP`] per
+/// group. Writing the snapshot (1.7 MB at 65,535 keys) and deleting the
+/// old log in one group kept sled's `apply_batch` busy for 25–47 ms, the
+/// slowest commits at half load after the file system's own stalls
+/// (BENCHMARKS.md, "The half-load tail").
+/// Format 1 kept one `q` key per dedupe key; those are read at start and
+/// removed when the first pass finishes.
 #[derive(Debug, Default)]
 struct DedupeLog {
-    /// Lowest entry number on disk.
+    /// Lowest entry number that is not superseded.
     first: u64,
     next: u64,
-    /// Updates in the entries on disk.
+    /// Updates in the entries from `first` on (and in the pass's slices).
     updates: u64,
     /// Format 1 `q` entries are still on disk.
     legacy: bool,
+    pass: Option<SnapshotPass>,
+    /// Superseded entries still on disk.
+    stale: std::ops::Range<u64>,
 }
 
-/// A snapshot is written when the log holds more updates than this plus
+#[derive(Debug, Clone)]
+struct SnapshotPass {
+    /// The pass's first entry.
+    start: u64,
+    /// The next key to write; `None` until the first slice.
+    resume: Option<Position>,
+    /// `DedupeLog::updates` when the pass started.
+    updates_before: u64,
+}
+
+/// A snapshot pass starts when the log holds more updates than this plus
 /// four times the number of keys.
 const DEDUPE_SNAPSHOT_MIN: u64 = 65_536;
+/// Keys a snapshot pass writes per group (about 55 KB): 32 groups for a
+/// source with every packet id in use.
+const SNAPSHOT_SLICE_KEYS: usize = 2_048;
+/// Superseded log entries deleted per group.
+const STALE_PER_GROUP: u64 = 256;
 
 fn load_dedupe(tree: &sled::Db) -> (DedupeMemory, DedupeLog) {
     let mut map = DedupeMemory::default();
@@ -133,13 +156,23 @@ fn load_dedupe(tree: &sled::Db) -> (DedupeMemory, DedupeLog) {
             log.legacy = true;
         }
     }
-    let mut first = None;
+    let superseded_below = tree
+        .get(keys::META_DEDUPE_FIRST)
+        .ok()
+        .flatten()
+        .and_then(|v| keys::u64_value(&v))
+        .unwrap_or(0);
+    let (mut lowest, mut first) = (None, None);
     for (key, value) in tree.scan_prefix([keys::DEDUPE_LOG]).flatten() {
         let Some(n) = keys::dedupe_log_number(&key) else {
             continue;
         };
-        first.get_or_insert(n);
+        lowest.get_or_insert(n);
         log.next = n + 1;
+        if n < superseded_below {
+            continue;
+        }
+        first.get_or_insert(n);
         let (updates, intact) = dedupe::decode_into(&value, &mut map);
         log.updates += updates;
         if !intact {
@@ -149,7 +182,11 @@ fn load_dedupe(tree: &sled::Db) -> (DedupeMemory, DedupeLog) {
             );
         }
     }
+    log.next = log.next.max(superseded_below);
     log.first = first.unwrap_or(log.next);
+    if let Some(lowest) = lowest.filter(|&n| n < superseded_below) {
+        log.stale = lowest..superseded_below;
+    }
     (map, log)
 }
 
@@ -561,40 +598,60 @@ impl Committer {
             }
         }
         let dedupe_updates = std::mem::take(&mut group.dedupe);
-        let mut snapshot = false;
-        // The group's first log entry; a snapshot starts the log there.
-        let first_entry = self.dedupe_log.next;
-        if !dedupe_updates.is_empty() {
+        // The pass as this group leaves it; kept only if the group commits.
+        let mut pass = self.dedupe_log.pass.clone();
+        if pass.is_none() && !dedupe_updates.is_empty() {
             let new_keys = dedupe_updates
                 .keys()
                 .filter(|key| !self.dedupe.contains_key(key))
                 .count();
             let keys_after = (self.dedupe.len() + new_keys) as u64;
-            snapshot = self.dedupe_log.updates + dedupe_updates.len() as u64
-                > DEDUPE_SNAPSHOT_MIN + 4 * keys_after;
-            // Numbers are never reused, even if this batch fails: a failed
-            // batch may still reach the disk.
-            let mut entries = dedupe::LogEntries::new(&mut group.batch, &mut self.dedupe_log.next);
-            if snapshot {
-                self.dedupe.for_each(|key, fingerprint| {
-                    if !dedupe_updates.contains_key(key) {
-                        entries.push(key, fingerprint);
-                    }
+            if self.dedupe_log.updates + dedupe_updates.len() as u64
+                > DEDUPE_SNAPSHOT_MIN + 4 * keys_after
+            {
+                pass = Some(SnapshotPass {
+                    start: self.dedupe_log.next,
+                    resume: None,
+                    updates_before: self.dedupe_log.updates,
                 });
             }
-            for (key, fingerprint) in &dedupe_updates {
-                entries.push(key, fingerprint);
-            }
-            entries.finish();
-            if snapshot {
-                for old in self.dedupe_log.first..first_entry {
-                    group.batch.remove(&keys::dedupe_log(old));
-                }
-                if self.dedupe_log.legacy {
-                    for (key, _) in self.tree.scan_prefix([keys::DEDUPE]).flatten() {
-                        group.batch.remove(key);
-                    }
-                }
+        }
+        let mut written = dedupe_updates.len() as u64;
+        let mut pass_finished = false;
+        // Numbers are never reused, even if this batch fails: a failed
+        // batch may still reach the disk.
+        let mut entries = dedupe::LogEntries::new(&mut group.batch, &mut self.dedupe_log.next);
+        if let Some(pass) = &mut pass {
+            // The slice goes before the group's own updates: replay keeps a
+            // key's last value, and the memory does not hold this group's yet.
+            pass.resume = self.dedupe.visit_from(
+                pass.resume.as_ref(),
+                SNAPSHOT_SLICE_KEYS,
+                |key, fingerprint| {
+                    entries.push(key, fingerprint);
+                    written += 1;
+                },
+            );
+            pass_finished = pass.resume.is_none();
+        }
+        for (key, fingerprint) in &dedupe_updates {
+            entries.push(key, fingerprint);
+        }
+        entries.finish();
+        let stale = &self.dedupe_log.stale;
+        let stale_deleted = stale.start..(stale.start + STALE_PER_GROUP).min(stale.end);
+        for old in stale_deleted.clone() {
+            group.batch.remove(&keys::dedupe_log(old));
+        }
+        if let (true, Some(pass)) = (pass_finished, &pass) {
+            group
+                .batch
+                .insert(keys::META_DEDUPE_FIRST, &pass.start.to_be_bytes());
+        }
+        let legacy_removed = pass_finished && self.dedupe_log.legacy;
+        if legacy_removed {
+            for (key, _) in self.tree.scan_prefix([keys::DEDUPE]).flatten() {
+                group.batch.remove(key);
             }
         }
         let l = self.levels;
@@ -623,19 +680,29 @@ impl Committer {
             Ok(()) => {
                 // Only committed fingerprints count: a redelivery of a
                 // message whose record was not stored must be stored.
-                if !dedupe_updates.is_empty() {
-                    if snapshot {
-                        self.dedupe_log.first = first_entry;
-                        self.dedupe_log.updates = 0;
-                        self.dedupe_log.legacy = false;
+                for (key, fingerprint) in dedupe_updates {
+                    self.dedupe.insert(&key, fingerprint);
+                }
+                let log = &mut self.dedupe_log;
+                log.updates += written;
+                log.stale.start = stale_deleted.end;
+                match pass {
+                    Some(done) if pass_finished => {
+                        // Every key was written from `done.start` on.
+                        let from = if log.stale.is_empty() {
+                            log.first
+                        } else {
+                            log.stale.start
+                        };
+                        log.stale = from..done.start;
+                        log.first = done.start;
+                        log.updates -= done.updates_before;
+                        log.pass = None;
+                        if legacy_removed {
+                            log.legacy = false;
+                        }
                     }
-                    self.dedupe_log.updates += dedupe_updates.len() as u64;
-                    for (key, fingerprint) in dedupe_updates {
-                        self.dedupe.insert(&key, fingerprint);
-                    }
-                    if snapshot {
-                        self.dedupe_log.updates = self.dedupe.len() as u64;
-                    }
+                    pass => log.pass = pass,
                 }
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.counters

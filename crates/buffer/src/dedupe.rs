@@ -21,6 +21,13 @@ use std::collections::HashMap;
 const DENSE_AT: usize = 16_384;
 const IDS: usize = 1 << 16;
 
+/// A place in [`DedupeMemory::visit_from`]'s order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Position {
+    Scoped(Box<[u8]>, u16),
+    Short(Box<[u8]>),
+}
+
 #[derive(Default)]
 pub(crate) struct DedupeMemory {
     scopes: HashMap<Box<[u8]>, Scope>,
@@ -97,21 +104,43 @@ impl Scope {
         }
     }
 
-    fn for_each(&self, mut f: impl FnMut(u16, &[u8; 16])) {
+    /// Visits ids from `from` on in ascending order while `left` lasts;
+    /// returns the first id left unvisited when `left` ran out.
+    fn visit_from(
+        &self,
+        from: u16,
+        left: &mut usize,
+        mut f: impl FnMut(u16, &[u8; 16]),
+    ) -> Option<u16> {
         match self {
-            Scope::Sparse(map) => map.iter().for_each(|(&id, fp)| f(id, fp)),
+            Scope::Sparse(map) => {
+                let mut ids: Vec<u16> = map.keys().copied().filter(|&id| id >= from).collect();
+                ids.sort_unstable();
+                for id in ids {
+                    if *left == 0 {
+                        return Some(id);
+                    }
+                    f(id, &map[&id]);
+                    *left -= 1;
+                }
+                None
+            }
             Scope::Dense {
                 present,
                 fingerprints,
             } => {
-                for (word_index, &word) in present.iter().enumerate() {
-                    let mut bits = word;
-                    while bits != 0 {
-                        let i = word_index * 64 + bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        f(i as u16, &fingerprints[i]);
+                for i in usize::from(from)..IDS {
+                    let (word, mask) = bit(i);
+                    if present[word] & mask == 0 {
+                        continue;
                     }
+                    if *left == 0 {
+                        return Some(i as u16);
+                    }
+                    f(i as u16, &fingerprints[i]);
+                    *left -= 1;
                 }
+                None
             }
         }
     }
@@ -150,20 +179,62 @@ impl DedupeMemory {
         self.len += usize::from(new);
     }
 
-    /// Calls `f` with every key and its fingerprint, in no particular order.
-    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8; 16])) {
+    /// Calls `f` with up to `limit` keys and their fingerprints, from
+    /// `from` on (`None`: the first key) in a fixed order: scopes by their
+    /// bytes and ids ascending, then the short keys by their bytes. Returns
+    /// the first key left unvisited, or `None` when it visited the last.
+    ///
+    /// This is how a snapshot is written a slice per group: a key inserted
+    /// behind the position is not visited, which is right for a snapshot
+    /// whose writer logs every insert anyway.
+    pub fn visit_from(
+        &self,
+        from: Option<&Position>,
+        limit: usize,
+        mut f: impl FnMut(&[u8], &[u8; 16]),
+    ) -> Option<Position> {
+        let mut left = limit;
         let mut key = Vec::new();
-        for (scope, ids) in &self.scopes {
-            ids.for_each(|id, fingerprint| {
+        let mut scopes: Vec<&[u8]> = self.scopes.keys().map(|s| &**s).collect();
+        scopes.sort_unstable();
+        for scope in scopes {
+            let first_id = match from {
+                None => 0,
+                Some(Position::Scoped(at, id)) => match scope.cmp(at) {
+                    std::cmp::Ordering::Less => continue,
+                    std::cmp::Ordering::Equal => *id,
+                    std::cmp::Ordering::Greater => 0,
+                },
+                Some(Position::Short(_)) => break,
+            };
+            let stopped = self.scopes[scope].visit_from(first_id, &mut left, |id, fingerprint| {
                 key.clear();
                 key.extend_from_slice(scope);
                 key.extend_from_slice(&id.to_be_bytes());
                 f(&key, fingerprint);
             });
+            if let Some(id) = stopped {
+                return Some(Position::Scoped(scope.into(), id));
+            }
         }
-        for (key, fingerprint) in &self.short {
-            f(key, fingerprint);
+        let mut short: Vec<(&[u8], &[u8; 16])> = self
+            .short
+            .iter()
+            .map(|(k, fp)| (&**k, fp))
+            .filter(|(k, _)| match from {
+                Some(Position::Short(at)) => *k >= &**at,
+                _ => true,
+            })
+            .collect();
+        short.sort_unstable();
+        for (k, fingerprint) in short {
+            if left == 0 {
+                return Some(Position::Short(k.into()));
+            }
+            f(k, fingerprint);
+            left -= 1;
         }
+        None
     }
 }
 
@@ -259,9 +330,10 @@ mod tests {
 
     fn contents(memory: &DedupeMemory) -> BTreeMap<Vec<u8>, [u8; 16]> {
         let mut all = BTreeMap::new();
-        memory.for_each(|key, fp| {
+        let end = memory.visit_from(None, usize::MAX, |key, fp| {
             assert!(all.insert(key.to_vec(), *fp).is_none(), "{key:?} twice");
         });
+        assert_eq!(end, None);
         all
     }
 
@@ -301,6 +373,59 @@ mod tests {
         assert_eq!(memory.get(&key("absent", 1)), None);
         assert_eq!(memory.get(b"b"), None);
         assert!(!memory.contains_key(b"mqtt"));
+    }
+
+    /// A snapshot pass writes the memory a slice per group while groups
+    /// keep adding keys: whatever the slice, every key there at the start
+    /// is visited exactly once, in the documented order.
+    #[test]
+    fn slices_visit_every_key_there_at_the_start_once_while_keys_are_added() {
+        for slice in [1, 7, 1_000, 100_000] {
+            let mut memory = DedupeMemory::default();
+            // Even ids of a table scope, a map scope, and a short key.
+            for id in (0..40_000u16).step_by(2) {
+                memory.insert(&key("mqtt", id), fingerprint(id.into()));
+            }
+            for id in 0..100u16 {
+                memory.insert(&key("a", id), fingerprint(1));
+            }
+            memory.insert(b"z", fingerprint(2));
+            assert!(matches!(memory.scopes[&b"mqtt/"[..]], Scope::Dense { .. }));
+            let at_start: Vec<Vec<u8>> = contents(&memory).into_keys().collect();
+
+            let mut seen = Vec::new();
+            let mut position = None;
+            let mut odd = 1u16;
+            loop {
+                position =
+                    memory.visit_from(position.as_ref(), slice, |k, _| seen.push(k.to_vec()));
+                if position.is_none() {
+                    break;
+                }
+                // New odd ids, behind the position and ahead of it.
+                memory.insert(&key("mqtt", odd), fingerprint(5));
+                memory.insert(&key("mqtt", 39_999 - odd), fingerprint(5));
+                odd = (odd + 2) % 39_999;
+            }
+            let mut expected = at_start.clone();
+            // The order: scopes by their bytes ("a/" < "mqtt/"), ids
+            // ascending (big-endian, so byte order too), short keys last.
+            expected.sort_by_key(|k| (k.len() < 3, k.clone()));
+            let visited_of_start: Vec<Vec<u8>> = seen
+                .iter()
+                .filter(|k| at_start.binary_search(k).is_ok())
+                .cloned()
+                .collect();
+            assert_eq!(visited_of_start, expected, "slice {slice}");
+            let mut unique = seen.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(
+                unique.len(),
+                seen.len(),
+                "a key visited twice (slice {slice})"
+            );
+        }
     }
 
     #[test]

@@ -92,6 +92,11 @@ pub const META_EPOCH: &[u8] = b"m/epoch";
 pub const META_ANCHORED: &[u8] = b"m/anchored";
 pub const META_SENT_RESERVED: &[u8] = b"m/sent_reserved";
 pub const META_FORMAT: &[u8] = b"m/format";
+/// Dedupe log entries numbered below this were superseded by a finished
+/// snapshot pass: not replayed, and deleted a few per group. A buffer
+/// without it (or an older agent reading it) replays every entry, which
+/// gives the same memory.
+pub const META_DEDUPE_FIRST: &[u8] = b"m/dedupe_first";
 
 /// Bumped when the layout changes incompatibly.
 /// 1: one key per record. 2: one key per segment (group commit).

@@ -750,41 +750,55 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
     let keyed = |i: u32, redelivery: bool| {
         let mut incoming = record("d", &i.to_be_bytes());
         incoming.dedupe = Some(DedupeKey {
-            // Keys 0..1000 until record 60,000, then keys 1000..2000.
-            key: format!("mqtt/{}", i % 1000 + if i < 60_000 { 0 } else { 1000 }).into_bytes(),
+            // Keys 0..1500 until record 60,000, then keys 1500..3000.
+            key: format!("mqtt/{}", i % 1500 + if i < 60_000 { 0 } else { 1500 }).into_bytes(),
             fingerprint: [i.to_be_bytes(); 4].concat().try_into().unwrap(),
             redelivery,
         });
         incoming
     };
+    let append_chunks = |buffer: Buffer, chunks: std::ops::Range<u32>| async move {
+        for chunk in chunks {
+            let outcomes = buffer
+                .append(
+                    (chunk * 1000..(chunk + 1) * 1000)
+                        .map(|i| keyed(i, false))
+                        .collect(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(stored(&outcomes).len(), 1000);
+        }
+        buffer.close().await.unwrap();
+    };
+    // One group per append: 78,000 updates of 3,000 keys by the 78th, more
+    // than a snapshot pass waits for; it writes the keys in two groups
+    // (2,048 per group) along with those groups' own updates.
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
-    // One group per append: 75 log entries, 75,000 updates of 2000 keys,
-    // more than a snapshot waits for.
-    for chunk in 0..75u32 {
-        let outcomes = buffer
-            .append(
-                (chunk * 1000..(chunk + 1) * 1000)
-                    .map(|i| keyed(i, false))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(stored(&outcomes).len(), 1000);
-    }
-    buffer.close().await.unwrap();
-    drop(buffer);
+    append_chunks(buffer, 0..79).await;
+    // Each key's last fingerprint, written while the pass wrote the same
+    // keys' older ones, is what a restart remembers.
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let last_of_each_key: Vec<Incoming> = (77_500..79_000).map(|i| keyed(i, true)).collect();
+    let again = buffer.append(last_of_each_key).await.unwrap();
+    assert!(again.iter().all(|o| *o == Outcome::Duplicate), "{again:?}");
+    // The groups after the pass delete the entries it superseded, a few
+    // hundred per group.
+    append_chunks(buffer, 79..84).await;
     {
         let db = sled::open(dir.path().join("buffer")).unwrap();
-        // 75,000 updates of about 27 bytes were written; after the snapshot
-        // the log holds the 2,000 keys and the updates since, a few KiB per
-        // entry (so that sled keeps them in its log, not in blob files).
+        // 84,000 updates of about 26 bytes (2.2 MB) were written; after
+        // the snapshot pass (the 78th and 79th groups) the log holds the
+        // 3,000 keys and the 7 groups of updates since the pass started
+        // (about 260 KB), a few KiB per entry (so that sled keeps them in
+        // its log, not in blob files).
         let sizes: Vec<usize> = db
             .scan_prefix(b"j")
             .map(|entry| entry.unwrap().1.len())
             .collect();
         let bytes: usize = sizes.iter().sum();
         assert!(
-            bytes <= 100_000,
+            bytes <= 350_000,
             "{bytes} bytes in {} dedupe log entries after a snapshot",
             sizes.len()
         );
@@ -793,12 +807,12 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
     }
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     // The last fingerprint of a key, from before and after the snapshot.
-    for last in [59_000u32, 59_999, 74_000, 74_999] {
+    for last in [59_000u32, 59_999, 83_000, 83_999] {
         let again = buffer.append(vec![keyed(last, true)]).await.unwrap();
         assert_eq!(again, [Outcome::Duplicate], "{last}");
     }
     // An older fingerprint of the same key is a new message.
-    let older = buffer.append(vec![keyed(58_999, true)]).await.unwrap();
+    let older = buffer.append(vec![keyed(57_499, true)]).await.unwrap();
     assert_eq!(stored(&older).len(), 1);
     assert_eq!(buffer.stats().duplicates_total, 4);
 }
