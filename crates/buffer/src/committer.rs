@@ -143,6 +143,16 @@ const SNAPSHOT_SLICE_KEYS: usize = 2_048;
 /// Superseded log entries deleted per group.
 const STALE_PER_GROUP: u64 = 256;
 
+/// A counter of the `m/` keys; 0 when absent or unreadable (as a buffer
+/// written before the key existed has it).
+fn meta_u64(tree: &sled::Db, key: &[u8]) -> u64 {
+    tree.get(key)
+        .ok()
+        .flatten()
+        .and_then(|v| keys::u64_value(&v))
+        .unwrap_or(0)
+}
+
 fn load_dedupe(tree: &sled::Db) -> (DedupeMemory, DedupeLog) {
     let mut map = DedupeMemory::default();
     let mut log = DedupeLog {
@@ -156,12 +166,7 @@ fn load_dedupe(tree: &sled::Db) -> (DedupeMemory, DedupeLog) {
             log.legacy = true;
         }
     }
-    let superseded_below = tree
-        .get(keys::META_DEDUPE_FIRST)
-        .ok()
-        .flatten()
-        .and_then(|v| keys::u64_value(&v))
-        .unwrap_or(0);
+    let superseded_below = meta_u64(tree, keys::META_DEDUPE_FIRST);
     let (mut lowest, mut first) = (None, None);
     for (key, value) in tree.scan_prefix([keys::DEDUPE_LOG]).flatten() {
         let Some(n) = keys::dedupe_log_number(&key) else {
@@ -220,12 +225,7 @@ impl Committer {
         levels_tx: watch::Sender<Levels>,
         counters: Arc<Counters>,
     ) -> Self {
-        let sent_reserved = tree
-            .get(keys::META_SENT_RESERVED)
-            .ok()
-            .flatten()
-            .and_then(|v| keys::u64_value(&v))
-            .unwrap_or(0);
+        let sent_reserved = meta_u64(&tree, keys::META_SENT_RESERVED);
         let dead_count = tree.scan_prefix([keys::DEAD]).count() as u64;
         let (dedupe, dedupe_log) = load_dedupe(&tree);
         Self {
