@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use edgefleet_proto::batch_zstd::{self, BatchCompressor};
 use edgefleet_proto::encoded::telemetry_client::TelemetryClient;
 use edgefleet_proto::encoded::{AgentFrame, AgentFrameKind, BatchBuilder};
 use edgefleet_proto::{ingest_message, EncodedRecord, Hello, IngestMessage, RecordWriter};
@@ -37,6 +38,7 @@ pub struct AgentStream {
     /// (last seq, records, sent at) of batches awaiting their ack.
     inflight: VecDeque<(u64, u64, Instant)>,
     pub acked_records: u64,
+    compressor: Option<BatchCompressor>,
 }
 
 impl AgentStream {
@@ -66,16 +68,12 @@ impl AgentStream {
         let mut client = TelemetryClient::new(channel)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(64 << 20);
-        // Compressed as the agent's uplink compresses by default.
-        client = match edgefleet_config::Compression::default() {
-            edgefleet_config::Compression::Zstd => {
-                client.send_compressed(CompressionEncoding::Zstd)
-            }
-            edgefleet_config::Compression::Gzip => {
-                client.send_compressed(CompressionEncoding::Gzip)
-            }
-            edgefleet_config::Compression::None => client,
-        };
+        // Compressed as the agent's uplink compresses by default: zstd inside
+        // the batch (below), gzip by gRPC.
+        let compression = edgefleet_config::Compression::default();
+        if compression == edgefleet_config::Compression::Gzip {
+            client = client.send_compressed(CompressionEncoding::Gzip);
+        }
         let (tx, rx) = mpsc::channel::<AgentFrame>(64);
         tx.send(AgentFrame {
             kind: Some(AgentFrameKind::Hello(Hello {
@@ -101,7 +99,14 @@ impl AgentStream {
             }) => ack,
             other => bail!("expected HelloAck, got {other:?}"),
         };
+        let compressor = (compression == edgefleet_config::Compression::Zstd
+            && hello_ack
+                .batch_encodings
+                .iter()
+                .any(|e| e == batch_zstd::ENCODING))
+        .then(BatchCompressor::default);
         Ok(AgentStream {
+            compressor,
             tx,
             inbound,
             credit: hello_ack.credit.max(1) as usize,
@@ -128,10 +133,14 @@ impl AgentStream {
         for (i, encoded) in template.iter().enumerate() {
             batch.push(encoded.as_bytes(), self.next_seq + i as u64);
         }
+        let batch = match self.compressor.as_mut() {
+            Some(compressor) => compressor.compress(batch.finish())?,
+            None => batch.finish(),
+        };
         let count = template.len() as u64;
         self.next_seq += count;
         self.tx
-            .send(AgentFrame::new(AgentFrameKind::Batch(batch.finish())))
+            .send(AgentFrame::new(AgentFrameKind::Batch(batch)))
             .await
             .map_err(|_| anyhow::anyhow!("the stream closed"))?;
         self.inflight

@@ -78,6 +78,7 @@ pub struct Metrics {
     pub connected_agents: Gauge,
     pub records_stored: Counter,
     pub batches: Counter,
+    pub batches_compressed: Counter,
     pub commit_seconds: Histogram,
     pub duplicates: Counter,
     pub rejects: Family<RejectLabels, Counter>,
@@ -91,6 +92,7 @@ impl Metrics {
         let connected_agents = Gauge::default();
         let records_stored = Counter::default();
         let batches = Counter::default();
+        let batches_compressed = Counter::default();
         // 100 µs .. ~3.3 s: an fsync on a good disk to a very sick one.
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let duplicates = Counter::default();
@@ -111,6 +113,11 @@ impl Metrics {
             "ingest_batches",
             "Record batches committed and acknowledged",
             batches.clone(),
+        );
+        registry.register(
+            "ingest_batches_compressed",
+            "Record batches received with their records compressed by the agent (RecordBatch.records_zstd)",
+            batches_compressed.clone(),
         );
         registry.register(
             "ingest_commit_seconds",
@@ -142,6 +149,7 @@ impl Metrics {
             connected_agents,
             records_stored,
             batches,
+            batches_compressed,
             commit_seconds,
             duplicates,
             rejects,

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use edgefleet_proto::batch_zstd::{self, BatchDecompressor, BatchZstdError};
 use edgefleet_proto::encoded::telemetry_server::Telemetry;
 use edgefleet_proto::encoded::{
     check_record, AgentFrame as AgentMessage, AgentFrameKind as In, EncodedBatch,
@@ -383,6 +384,7 @@ impl Session {
             agent_id: self.agent.to_string(),
             heartbeat_interval_ms: u32::try_from(settings.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
+            batch_encodings: vec![batch_zstd::ENCODING.into()],
         };
         info!(
             session = self.id,
@@ -484,6 +486,10 @@ impl Session {
 
     /// Validates a batch, waits for budget, and queues it for commit.
     async fn accept_batch(&mut self, batch: EncodedBatch) -> Result<(), (Reject, Status)> {
+        if !batch.records_zstd.is_empty() {
+            self.shared.metrics.batches_compressed.inc();
+        }
+        let batch = open_batch(batch, self.shared.settings.max_message_bytes)?;
         let bytes: usize = batch.records.iter().map(|r| r.len() + 4).sum();
         let mut previous = self.last_seen;
         let mut records = Vec::with_capacity(batch.records.len());
@@ -736,4 +742,40 @@ fn kind_name(msg: &AgentMessage) -> &'static str {
         Some(In::Goodbye(_)) => "Goodbye",
         None => "an empty message",
     }
+}
+
+thread_local! {
+    /// One zstd context per worker thread, not per stream: thousands of
+    /// streams would each hold ~100 KiB. Batches are opened without an
+    /// `.await`, so a thread's context serves one batch at a time.
+    static DECOMPRESSOR: std::cell::RefCell<Option<BatchDecompressor>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The batch with its records decompressed when the agent compressed them.
+fn open_batch(batch: EncodedBatch, limit: usize) -> Result<EncodedBatch, (Reject, Status)> {
+    if batch.records_zstd.is_empty() {
+        return Ok(batch);
+    }
+    DECOMPRESSOR.with_borrow_mut(|slot| {
+        let decompressor = match slot {
+            Some(d) => d,
+            None => slot.insert(BatchDecompressor::new().map_err(|e| {
+                (
+                    Reject::ProtocolViolation,
+                    Status::resource_exhausted(format!("no zstd context: {e}")),
+                )
+            })?),
+        };
+        decompressor.open(batch, limit).map_err(|e| match e {
+            BatchZstdError::TooLarge { .. } => (
+                Reject::MessageTooLarge,
+                Status::resource_exhausted(e.to_string()),
+            ),
+            e => (
+                Reject::MalformedRecord,
+                Status::invalid_argument(e.to_string()),
+            ),
+        })
+    })
 }

@@ -101,6 +101,71 @@ async fn hello_ack_then_pipelined_batches_are_acked_in_order_and_queryable() {
     server.stop().await;
 }
 
+/// Records compressed by the agent inside the batch (`records_zstd`), with
+/// the agent's own compressor: stored as if sent plain; a batch that
+/// decompresses past the message limit or is damaged ends its stream.
+#[tokio::test]
+async fn batches_compressed_inside_the_message_are_stored_and_bad_ones_refused() {
+    use edgefleet_proto::batch_zstd::BatchCompressor;
+    use edgefleet_proto::encoded::EncodedBatch;
+    use prost::Message;
+
+    let fx = Fixture::new();
+    let mut config = fx.config();
+    config.max_message_bytes = 64 * 1024;
+    let server = Server::start(config).await;
+    let mut client = fx.client(&server.addrs, "gw-1").await;
+    let (mut stream, ack) = AgentStream::hello(&mut client, "gw-1").await;
+    assert_eq!(ack.batch_encodings, ["zstd"]);
+    let compressed = |seqs: std::ops::RangeInclusive<u64>| -> (RecordBatch, usize) {
+        let plain = EncodedBatch {
+            records: seqs.map(|s| record(s).encode_to_vec().into()).collect(),
+            ..Default::default()
+        };
+        let plain_len = plain.encoded_len();
+        let sent = BatchCompressor::default().compress(plain).unwrap();
+        assert!(!sent.records_zstd.is_empty(), "too small to be compressed");
+        let batch = RecordBatch::decode(sent.encode_to_vec().as_slice()).unwrap();
+        (batch, plain_len)
+    };
+
+    let (batch, _) = compressed(1..=600);
+    assert!(batch.records.is_empty());
+    stream.send(In::Batch(batch)).await;
+    let ack = stream.expect_ack().await;
+    assert_eq!((ack.acked_through, ack.stored), (600, 600));
+
+    let (big, plain_len) = compressed(601..=2000);
+    assert!(big.encoded_len() < 64 * 1024 && plain_len > 64 * 1024);
+    stream.send(In::Batch(big)).await;
+    let status = stream.expect_status().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("over the limit"), "{status:?}");
+
+    let (mut stream, ack) = AgentStream::hello(&mut client, "gw-1").await;
+    assert_eq!(ack.stored_through, 600);
+    let (mut damaged, _) = compressed(601..=1000);
+    damaged
+        .records_zstd
+        .truncate(damaged.records_zstd.len() / 2);
+    stream.send(In::Batch(damaged)).await;
+    let status = stream.expect_status().await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("records_zstd"), "{status:?}");
+
+    let (mut stream, _) = AgentStream::hello(&mut client, "gw-1").await;
+    stream.send(In::Batch(compressed(601..=1000).0)).await;
+    assert_eq!(stream.expect_ack().await.acked_through, 1000);
+    let metrics = server.metrics_text().await;
+    assert_eq!(
+        metric_value(&metrics, "ingest_batches_compressed_total"),
+        Some(4)
+    );
+    let stats = server.stats().await;
+    assert_eq!(stats.agents["gw-1"].records, 1000);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_batch_resent_after_reconnect_is_stored_once() {
     let fx = Fixture::new();
@@ -301,7 +366,11 @@ async fn an_oversized_message_fails_only_its_own_stream() {
         })),
         ..Record::default()
     };
-    s1.send(In::Batch(RecordBatch { records: vec![big] })).await;
+    s1.send(In::Batch(RecordBatch {
+        records: vec![big],
+        ..Default::default()
+    }))
+    .await;
     let status = s1.expect_status().await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
@@ -566,6 +635,7 @@ async fn a_malformed_record_fails_its_stream_naming_the_field() {
     bad[at] = 0xFF;
     tx.send(AgentFrame::new(AgentFrameKind::Batch(EncodedBatch {
         records: vec![good.into(), bad.into()],
+        ..Default::default()
     })))
     .await
     .unwrap();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use edgefleet_buffer::{Buffer, BufferError};
 use edgefleet_config::{Compression, UplinkConfig};
 use edgefleet_pki::Principal;
+use edgefleet_proto::batch_zstd::{self, BatchCompressor};
 use edgefleet_proto::encoded::telemetry_client::TelemetryClient;
 use edgefleet_proto::encoded::{AgentFrame, AgentFrameKind};
 use edgefleet_proto::{ingest_message, Goodbye, Heartbeat, Hello};
@@ -200,16 +201,16 @@ impl Uplink {
                 .map_err(|_| connect_err("timed out".into()))?
                 .map_err(|e| connect_err(error_chain(&e)))?,
         };
+        // No `accept_compressed`: the ingest sends acks of a few bytes, and
+        // gRPC compression would build a zstd context for each of them.
         let mut client = TelemetryClient::new(channel)
             .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(64 << 20)
-            .accept_compressed(CompressionEncoding::Zstd)
-            .accept_compressed(CompressionEncoding::Gzip);
-        client = match cfg.compression {
-            Compression::Zstd => client.send_compressed(CompressionEncoding::Zstd),
-            Compression::Gzip => client.send_compressed(CompressionEncoding::Gzip),
-            Compression::None => client,
-        };
+            .max_encoding_message_size(64 << 20);
+        // zstd is applied to each batch's records below, with one context
+        // for the whole stream, once the ingest says it takes them.
+        if cfg.compression == Compression::Gzip {
+            client = client.send_compressed(CompressionEncoding::Gzip);
+        }
 
         let (tx, rx) = mpsc::channel::<AgentFrame>(64);
         let stats = self.buffer.stats();
@@ -257,6 +258,24 @@ impl Uplink {
             "uplink session established"
         );
 
+        let mut compressor = match cfg.compression {
+            Compression::Zstd
+                if hello_ack
+                    .batch_encodings
+                    .iter()
+                    .any(|e| e == batch_zstd::ENCODING) =>
+            {
+                Some(BatchCompressor::default())
+            }
+            Compression::Zstd => {
+                tracing::warn!(
+                    ingest_version = %hello_ack.ingest_version,
+                    "the ingest does not take zstd-compressed batches; sending them uncompressed"
+                );
+                None
+            }
+            _ => None,
+        };
         let max_records = cfg.batch.max_records as usize;
         let max_bytes = (cfg.batch.max_bytes.0 as usize)
             .min((hello_ack.max_message_bytes as usize).saturating_mul(3) / 4)
@@ -328,6 +347,10 @@ impl Uplink {
                     self.buffer.before_send_ahead(last, reserve_ahead).await?;
                     *handed_through = (*handed_through).max(last);
                     let count = batch.records.len() as u64;
+                    let batch = match compressor.as_mut() {
+                        Some(compressor) => compressor.compress(batch).map_err(zstd_error)?,
+                        None => batch,
+                    };
                     send(&tx, AgentFrameKind::Batch(batch)).await?;
                     inflight.push_back((last, count, Instant::now()));
                     credit -= 1;
@@ -338,6 +361,10 @@ impl Uplink {
                     return Err(UplinkError::AckTimeout(ack_timeout));
                 }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(last_sent + heartbeat_every)) => {
+                    // Idle for a heartbeat interval: give the context's MiB back.
+                    if let Some(compressor) = compressor.as_mut() {
+                        compressor.release();
+                    }
                     send(&tx, AgentFrameKind::Heartbeat(self.heartbeat())).await?;
                     last_sent = Instant::now();
                 }
@@ -401,6 +428,10 @@ impl Uplink {
             }
         }
     }
+}
+
+fn zstd_error(e: edgefleet_proto::batch_zstd::BatchZstdError) -> UplinkError {
+    UplinkError::Stream(e.to_string())
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

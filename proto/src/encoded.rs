@@ -43,6 +43,9 @@ pub enum AgentFrameKind {
 pub struct EncodedBatch {
     #[prost(bytes = "bytes", repeated, tag = "1")]
     pub records: Vec<Bytes>,
+    /// `records`, compressed by the sender (see [`crate::batch_zstd`]).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub records_zstd: Bytes,
 }
 
 impl AgentFrame {
@@ -104,7 +107,10 @@ impl BatchBuilder {
                 record
             })
             .collect();
-        EncodedBatch { records }
+        EncodedBatch {
+            records,
+            records_zstd: Bytes::new(),
+        }
     }
 }
 
@@ -430,7 +436,8 @@ mod tests {
         builder.push(&sample(7).encode_to_vec(), 42);
         let frame = AgentFrame::new(AgentFrameKind::Batch(builder.finish()));
         let decoded = AgentMessage::decode(frame.encode_to_vec().as_slice()).unwrap();
-        let Some(crate::agent_message::Kind::Batch(RecordBatch { records })) = decoded.kind else {
+        let Some(crate::agent_message::Kind::Batch(RecordBatch { records, .. })) = decoded.kind
+        else {
             panic!("not a batch: {decoded:?}");
         };
         assert_eq!(records, vec![sample(41), sample(42)]);
@@ -441,6 +448,7 @@ mod tests {
         let message = AgentMessage {
             kind: Some(crate::agent_message::Kind::Batch(RecordBatch {
                 records: vec![sample(1), sample(2)],
+                ..Default::default()
             })),
         };
         let frame = AgentFrame::decode(message.encode_to_vec().as_slice()).unwrap();

@@ -9,6 +9,7 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod batch_zstd;
 pub mod encoded;
 mod record_writer;
 

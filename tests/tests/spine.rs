@@ -257,6 +257,12 @@ fn with_the_ingest_down_the_agent_buffers_then_drains_and_counts_drops_exactly()
         dropped()
     );
     let dropped = dropped();
+    // The backlog left in batches large enough for the agent to compress.
+    let ingest_metrics = http_get(fleet.ingest_metrics_port, "/metrics").unwrap();
+    assert!(
+        metric(&ingest_metrics, "ingest_batches_compressed_total", "").unwrap_or(0.0) > 0.0,
+        "no batch arrived compressed:\n{ingest_metrics}"
+    );
     let out = {
         fleet
             .ingest

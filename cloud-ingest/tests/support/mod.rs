@@ -292,6 +292,7 @@ pub fn record(seq: u64) -> Record {
 pub fn batch(seqs: impl IntoIterator<Item = u64>) -> In {
     In::Batch(RecordBatch {
         records: seqs.into_iter().map(record).collect(),
+        ..Default::default()
     })
 }
 

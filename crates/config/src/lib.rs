@@ -348,6 +348,9 @@ pub struct UplinkConfig {
     pub key_file: String,
     #[serde(default)]
     pub batch: BatchConfig,
+    /// How batches travel: `zstd` compresses each batch's records inside the
+    /// message with one context for the whole stream (batches under 16 KiB
+    /// go as they are); `gzip` uses gRPC's message compression; `none`.
     #[serde(default)]
     pub compression: Compression,
     #[serde(default)]
