@@ -16,7 +16,7 @@ use edgefleet_pki::Principal;
 use edgefleet_proto::batch_zstd::{self, BatchCompressor};
 use edgefleet_proto::encoded::telemetry_client::TelemetryClient;
 use edgefleet_proto::encoded::{AgentFrame, AgentFrameKind};
-use edgefleet_proto::{ingest_message, Goodbye, Heartbeat, Hello};
+use edgefleet_proto::{ingest_message, Goodbye, Heartbeat, Hello, HelloAck};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -258,24 +258,7 @@ impl Uplink {
             "uplink session established"
         );
 
-        let mut compressor = match cfg.compression {
-            Compression::Zstd
-                if hello_ack
-                    .batch_encodings
-                    .iter()
-                    .any(|e| e == batch_zstd::ENCODING) =>
-            {
-                Some(BatchCompressor::default())
-            }
-            Compression::Zstd => {
-                tracing::warn!(
-                    ingest_version = %hello_ack.ingest_version,
-                    "the ingest does not take zstd-compressed batches; sending them uncompressed"
-                );
-                None
-            }
-            _ => None,
-        };
+        let mut compressor = batch_compressor(cfg.compression, &hello_ack);
         let max_records = cfg.batch.max_records as usize;
         let max_bytes = (cfg.batch.max_bytes.0 as usize)
             .min((hello_ack.max_message_bytes as usize).saturating_mul(3) / 4)
@@ -430,6 +413,26 @@ impl Uplink {
     }
 }
 
+/// The stream's compressor when the configuration asks for zstd and the
+/// ingest takes compressed batches; an older ingest gets them uncompressed.
+fn batch_compressor(compression: Compression, hello_ack: &HelloAck) -> Option<BatchCompressor> {
+    let offered = hello_ack
+        .batch_encodings
+        .iter()
+        .any(|e| e == batch_zstd::ENCODING);
+    match compression {
+        Compression::Zstd if offered => Some(BatchCompressor::default()),
+        Compression::Zstd => {
+            tracing::warn!(
+                ingest_version = %hello_ack.ingest_version,
+                "the ingest does not take zstd-compressed batches; sending them uncompressed"
+            );
+            None
+        }
+        Compression::Gzip | Compression::None => None,
+    }
+}
+
 fn zstd_error(e: edgefleet_proto::batch_zstd::BatchZstdError) -> UplinkError {
     UplinkError::Stream(e.to_string())
 }
@@ -480,8 +483,23 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::Backoff;
+    use super::{batch_compressor, Backoff};
+    use edgefleet_config::Compression;
+    use edgefleet_proto::HelloAck;
     use std::time::Duration;
+
+    #[test]
+    fn batches_are_compressed_only_with_zstd_configured_and_offered() {
+        let offering = HelloAck {
+            batch_encodings: vec!["zstd".into()],
+            ..HelloAck::default()
+        };
+        let older = HelloAck::default();
+        assert!(batch_compressor(Compression::Zstd, &offering).is_some());
+        assert!(batch_compressor(Compression::Zstd, &older).is_none());
+        assert!(batch_compressor(Compression::Gzip, &offering).is_none());
+        assert!(batch_compressor(Compression::None, &offering).is_none());
+    }
 
     #[test]
     fn backoff_grows_to_its_ceiling_with_jitter_below_it() {
