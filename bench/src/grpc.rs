@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use edgefleet_proto::batch_zstd::{self, BatchCompressor};
+use edgefleet_proto::batch_zstd::BatchCompressor;
 use edgefleet_proto::encoded::telemetry_client::TelemetryClient;
 use edgefleet_proto::encoded::{AgentFrame, AgentFrameKind, BatchBuilder};
 use edgefleet_proto::{ingest_message, EncodedRecord, Hello, IngestMessage, RecordWriter};
@@ -99,12 +99,7 @@ impl AgentStream {
             }) => ack,
             other => bail!("expected HelloAck, got {other:?}"),
         };
-        let compressor = (compression == edgefleet_config::Compression::Zstd
-            && hello_ack
-                .batch_encodings
-                .iter()
-                .any(|e| e == batch_zstd::ENCODING))
-        .then(BatchCompressor::default);
+        let compressor = edge_agent::uplink::batch_compressor(compression, &hello_ack);
         Ok(AgentStream {
             compressor,
             tx,

@@ -486,10 +486,11 @@ impl Session {
 
     /// Validates a batch, waits for budget, and queues it for commit.
     async fn accept_batch(&mut self, batch: EncodedBatch) -> Result<(), (Reject, Status)> {
-        if !batch.records_zstd.is_empty() {
-            self.shared.metrics.batches_compressed.inc();
-        }
-        let batch = open_batch(batch, self.shared.settings.max_message_bytes)?;
+        let batch = open_batch(
+            batch,
+            self.shared.settings.max_message_bytes,
+            &self.shared.metrics,
+        )?;
         let bytes: usize = batch.records.iter().map(|r| r.len() + 4).sum();
         let mut previous = self.last_seen;
         let mut records = Vec::with_capacity(batch.records.len());
@@ -753,10 +754,15 @@ thread_local! {
 }
 
 /// The batch with its records decompressed when the agent compressed them.
-fn open_batch(batch: EncodedBatch, limit: usize) -> Result<EncodedBatch, (Reject, Status)> {
+fn open_batch(
+    batch: EncodedBatch,
+    limit: usize,
+    metrics: &Metrics,
+) -> Result<EncodedBatch, (Reject, Status)> {
     if batch.records_zstd.is_empty() {
         return Ok(batch);
     }
+    metrics.batches_compressed.inc();
     DECOMPRESSOR.with_borrow_mut(|slot| {
         let decompressor = match slot {
             Some(d) => d,

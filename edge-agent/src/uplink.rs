@@ -415,7 +415,8 @@ impl Uplink {
 
 /// The stream's compressor when the configuration asks for zstd and the
 /// ingest takes compressed batches; an older ingest gets them uncompressed.
-fn batch_compressor(compression: Compression, hello_ack: &HelloAck) -> Option<BatchCompressor> {
+/// (gzip is gRPC's, set on the client.)
+pub fn batch_compressor(compression: Compression, hello_ack: &HelloAck) -> Option<BatchCompressor> {
     let offered = hello_ack
         .batch_encodings
         .iter()
