@@ -7,9 +7,12 @@
 //! Level bookkeeping with segments:
 //! * `records` counts sequence numbers: a segment `first..=last` holds
 //!   `last - first + 1` records, minus those at or below `acked_through`.
-//! * `bytes` counts the bytes of the segment values on disk. A partly acked
-//!   segment stays (and counts in full) until its last record is acked, so
-//!   the byte cap bounds what is really stored.
+//! * `bytes` counts the bytes of the segment values on disk, as stored
+//!   (compressed, see [`crate::segment`]); the records of the segment being
+//!   built count at their uncompressed size until it is sealed, so a record
+//!   is never let in on the strength of a ratio not yet known. A partly
+//!   acked segment stays (and counts in full) until its last record is
+//!   acked, so the byte cap bounds what is really stored.
 //! * `DropOldest` drops whole segments, oldest first, that lie entirely
 //!   above the send reservation (and the ack floor), so every dropped record
 //!   is one the uplink never had and the drop counter stays exact. A segment
@@ -91,6 +94,8 @@ pub(crate) struct Committer {
     stalled: Option<Op>,
     /// The segment of the current group, reused across groups.
     segment: Vec<u8>,
+    /// Compresses sealed segments; keeps its zstd context across groups.
+    sealer: segment::Sealer,
     /// Encoded lengths of the records of one append, reused.
     lens: Vec<usize>,
     /// The last fingerprint per dedupe key, as committed ([`DedupeLog`]).
@@ -241,6 +246,7 @@ impl Committer {
             dead_n: 0,
             stalled: None,
             segment: Vec::new(),
+            sealer: segment::Sealer::default(),
             lens: Vec::new(),
             dedupe,
             dedupe_log,
@@ -571,13 +577,14 @@ impl Committer {
     }
 
     /// Puts the segment being built, of `records` records from `first`,
-    /// into the group's batch.
+    /// into the group's batch. Its records were counted at their size
+    /// uncompressed (a record must be judged against the cap before its
+    /// segment is complete); the level now takes the value's real size.
     fn seal_segment(&mut self, batch: &mut sled::Batch, first: u64, records: u64) {
-        segment::finish(&mut self.segment);
-        batch.insert(
-            &keys::segment(first, first + records - 1),
-            self.segment.as_slice(),
-        );
+        let built = self.segment.len() as u64;
+        let value = self.sealer.seal(&mut self.segment);
+        self.levels.bytes = self.levels.bytes.saturating_sub(built) + value.len() as u64;
+        batch.insert(&keys::segment(first, first + records - 1), value);
     }
 
     fn commit(&mut self, mut group: Group) {

@@ -293,6 +293,15 @@ impl Buffer {
         Ok((buffer, report))
     }
 
+    /// What an append of `records` counts against the byte cap before it is
+    /// stored, when it starts a segment: their uncompressed size, with a
+    /// header per segment. Under the `Block` policy an append must fit
+    /// whole by this measure; once stored, compressed segments count less.
+    pub fn append_size(records: &[Incoming]) -> u64 {
+        let lens: Vec<usize> = records.iter().map(|r| r.record.len()).collect();
+        segment::stored_total(0, &lens)
+    }
+
     /// Appends records; resolves once they are durable (or dropped, or
     /// recognised as duplicates). Under the `Block` policy this waits for room.
     pub async fn append(&self, records: Vec<Incoming>) -> Result<Vec<Outcome>, BufferError> {
@@ -492,6 +501,7 @@ impl Buffer {
         let start = start.map_or_else(|| keys::seq_bound(from).to_vec(), |key| key.to_vec());
         let segments = tree.range(start.as_slice()..end.as_slice());
         let (mut bytes, mut records) = (0usize, 0usize);
+        let mut scratch = Vec::new();
         'segments: for item in segments {
             let (key, value) = item.map_err(storage)?;
             let Some((first, last)) = keys::span_of(&key) else {
@@ -500,7 +510,7 @@ impl Buffer {
             if last < from {
                 continue;
             }
-            let encoded = match segment::records(&value, last - first + 1) {
+            let encoded = match segment::records(&value, last - first + 1, &mut scratch) {
                 Ok(encoded) => encoded,
                 Err(damage) => {
                     // A damaged segment must not stall the uplink forever:

@@ -238,9 +238,11 @@ fn try_open(dir: &Path) -> Result<(sled::Db, Levels, bool), OpenFailure> {
         {
             let (first, last) = keys::span_of(key)
                 .ok_or_else(|| OpenFailure::Corrupt("a segment key is damaged".into()))?;
-            let records = segment::records(value, last - first + 1).map_err(|damage| {
-                OpenFailure::Corrupt(format!("segment {first}..={last}: {damage}"))
-            })?;
+            let mut scratch = Vec::new();
+            let records =
+                segment::records(value, last - first + 1, &mut scratch).map_err(|damage| {
+                    OpenFailure::Corrupt(format!("segment {first}..={last}: {damage}"))
+                })?;
             segment::decode(records[0], first).map_err(|e| {
                 OpenFailure::Corrupt(format!("record {first} does not decode: {e}"))
             })?;
@@ -321,6 +323,7 @@ fn migrate_v1(dir: &Path, db: &sled::Db) -> Result<(), OpenFailure> {
     const STEP_BYTES: usize = 4 << 20;
     let mut migrated = 0u64;
     let mut value = Vec::new();
+    let mut sealer = segment::Sealer::default();
     loop {
         let bytes = db
             .get(keys::META_BYTES)
@@ -334,8 +337,8 @@ fn migrate_v1(dir: &Path, db: &sled::Db) -> Result<(), OpenFailure> {
         let mut seal =
             |run: &mut Option<(u64, u64)>, value: &mut Vec<u8>, batch: &mut sled::Batch| {
                 if let Some((first, last)) = run.take() {
-                    segment::finish(value);
-                    batch.insert(&keys::segment(first, last), value.as_slice());
+                    let value = sealer.seal(value);
+                    batch.insert(&keys::segment(first, last), value);
                     new_bytes += value.len() as u64;
                 }
             };
