@@ -14,7 +14,12 @@
 //! | `R` agent 0x00 seq(u64 BE)              | one encoded `Record` (stores written before blocks; read, never written) |
 //!
 //! A block is [`BLOCK_FORMAT`] followed by `(varint length, encoded Record)*`,
-//! each record exactly as the agent sent it (with its `seq`). One sled value
+//! each record exactly as the agent sent it (with its `seq`), or
+//! [`BLOCK_FORMAT_ZSTD`] followed by one zstd frame of that body, when that
+//! is smaller: telemetry repeats its names and shrinks about sixfold, and
+//! sled writes and copies every value's bytes several times over (leaf
+//! rewrites and splits), so fewer bytes per block is less disk and less
+//! CPU per record (BENCHMARKS.md, "Compressed segments"). One sled value
 //! per agent per commit instead of two entries per record is what lets the
 //! store keep up with the network: sled copies a leaf on every insert, so
 //! its cost grows with the number of keys written, not their size.
@@ -44,6 +49,16 @@ use crate::query::{AgentStats, Query, RecordSource, Stats};
 
 const BLOCK: u8 = b'B';
 const BLOCK_FORMAT: u8 = 1;
+const BLOCK_FORMAT_ZSTD: u8 = 2;
+/// zstd's level 1: the ratio of level 3 on blocks of telemetry, faster.
+const BLOCK_ZSTD_LEVEL: i32 = 1;
+/// Bodies shorter than this stay uncompressed (a frame's overhead and a
+/// context to touch for little gain).
+const BLOCK_COMPRESS_FROM: usize = 256;
+/// What a compressed block may declare it holds: a block closes at
+/// [`BLOCK_MAX_BYTES`] unless one record is larger, and no record the
+/// ingest accepts comes near this; a larger claim is damage.
+const BLOCK_MAX_DECOMPRESSED: u64 = 1 << 30;
 const LEGACY_RECORD: u8 = b'R';
 const BY_TIME: u8 = b'T';
 const HIGH_WATER: u8 = b'H';
@@ -64,7 +79,9 @@ pub struct EmbeddedStore {
     /// What sled's flush leaves unsynced (see `edgefleet_sled_sync`).
     disk: DiskSync,
     tree: sled::Tree,
-    write_lock: Mutex<()>,
+    /// Held by writers (commits and retention); holds the commit's block
+    /// compressor, so one zstd context serves every commit.
+    write_lock: Mutex<BlockPacker>,
 }
 
 /// What one retention pass deleted.
@@ -118,7 +135,7 @@ impl EmbeddedStore {
             db,
             disk,
             tree,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(BlockPacker::default()),
         })
     }
 
@@ -174,7 +191,8 @@ impl EmbeddedStore {
             else {
                 continue;
             };
-            for encoded in self.block_records(&block, agent, seq) {
+            let mut scratch = Vec::new();
+            for encoded in self.block_records(&block, &mut scratch, agent, seq) {
                 let seq = check_record(encoded?).map_err(|e| {
                     self.corrupt(
                         format!("block agent={agent} first seq={seq}"),
@@ -266,24 +284,35 @@ impl EmbeddedStore {
         Ok(report)
     }
 
-    /// The encoded records of the block `B agent first_seq`.
+    /// The encoded records of the block `B agent first_seq`; a compressed
+    /// block is decompressed into `scratch`.
     fn block_records<'v>(
         &self,
         value: &'v [u8],
+        scratch: &'v mut Vec<u8>,
         agent: &str,
         first_seq: u64,
     ) -> impl Iterator<Item = Result<&'v [u8], SinkError>> + 'v {
         let what = format!("block agent={agent} first seq={first_seq}");
-        let mut rest = value;
+        let mut rest: &'v [u8] = &[];
         let mut failed = false;
         let header = match value.first() {
             Some(&BLOCK_FORMAT) => {
                 rest = &value[1..];
                 None
             }
+            Some(&BLOCK_FORMAT_ZSTD) => match unpack(&value[1..], scratch) {
+                Ok(()) => {
+                    rest = scratch;
+                    None
+                }
+                Err(reason) => Some(self.corrupt(what.clone(), reason)),
+            },
             other => Some(self.corrupt(
                 what.clone(),
-                format!("unknown block format {other:?} (expected {BLOCK_FORMAT})"),
+                format!(
+                    "unknown block format {other:?} (expected {BLOCK_FORMAT} or {BLOCK_FORMAT_ZSTD})"
+                ),
             )),
         };
         let path = self.path.clone();
@@ -357,7 +386,7 @@ impl Sink for EmbeddedStore {
     }
 
     fn commit(&self, batches: &[AgentRecords]) -> Result<(), SinkError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut packer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let ingest_ns = unix_ns(SystemTime::now()) as u64;
         let mut total = self.read_u64(META_BYTES)?;
         // Per agent: (high-water mark, record count), read once per commit.
@@ -377,12 +406,7 @@ impl Sink for EmbeddedStore {
             };
             for (block, block_bytes) in blocks(records) {
                 let first = &block[0];
-                let mut value = Vec::with_capacity(block_bytes);
-                value.push(BLOCK_FORMAT);
-                for record in block {
-                    prost::encoding::encode_varint(record.encoded.len() as u64, &mut value);
-                    value.extend_from_slice(&record.encoded);
-                }
+                let value = packer.pack(block, block_bytes);
                 let key = agent_seq_key(BLOCK, agent, first.seq);
                 let time_key = time_key(ingest_ns, agent, first.seq);
                 let size = (key.len() + value.len() + time_key.len() + 16) as u64;
@@ -413,6 +437,67 @@ impl Sink for EmbeddedStore {
 /// even a full leaf stays in the log. (A batch used to be one block of up
 /// to several hundred KiB.)
 const BLOCK_MAX_BYTES: usize = 7 * 1024;
+
+/// Builds block values, compressed when that makes them smaller, with one
+/// zstd context (made on first use) and one body buffer for all commits.
+#[derive(Default)]
+struct BlockPacker {
+    body: Vec<u8>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl BlockPacker {
+    /// The value of a block of `records`, `block_bytes` long uncompressed.
+    fn pack(&mut self, records: &[EncodedRecord], block_bytes: usize) -> Vec<u8> {
+        self.body.clear();
+        self.body.reserve(block_bytes);
+        self.body.push(BLOCK_FORMAT);
+        for record in records {
+            prost::encoding::encode_varint(record.encoded.len() as u64, &mut self.body);
+            self.body.extend_from_slice(&record.encoded);
+        }
+        let body = &self.body[1..];
+        if body.len() >= BLOCK_COMPRESS_FROM {
+            if self.zstd.is_none() {
+                match zstd::bulk::Compressor::new(BLOCK_ZSTD_LEVEL) {
+                    Ok(context) => self.zstd = Some(context),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no zstd context: storing blocks uncompressed")
+                    }
+                }
+            }
+            if let Some(context) = self.zstd.as_mut() {
+                let mut value = vec![0u8; 1 + zstd::zstd_safe::compress_bound(body.len())];
+                if let Ok(len) = context.compress_to_buffer(body, &mut value[1..]) {
+                    if len < body.len() {
+                        value.truncate(1 + len);
+                        value[0] = BLOCK_FORMAT_ZSTD;
+                        return value;
+                    }
+                }
+            }
+        }
+        self.body.clone()
+    }
+}
+
+/// Decompresses the frame of a compressed block into `out`.
+fn unpack(frame: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(size)) if size <= BLOCK_MAX_DECOMPRESSED => size as usize,
+        Ok(Some(size)) => return Err(format!("compressed block declares {size} bytes")),
+        _ => return Err("compressed block has no readable zstd frame header".into()),
+    };
+    *out = zstd::bulk::decompress(frame, size)
+        .map_err(|e| format!("compressed block does not decompress: {e}"))?;
+    if out.len() != size {
+        return Err(format!(
+            "compressed block decompressed to {} bytes, its frame says {size}",
+            out.len()
+        ));
+    }
+    Ok(())
+}
 
 /// Splits one agent's batch into the runs of records stored as one block
 /// each (every run holds at least one record), with the bytes of the
@@ -463,8 +548,9 @@ impl RecordSource for EmbeddedStore {
                         "malformed key".into(),
                     )
                 })?;
+                let mut scratch = Vec::new();
                 let records: Box<dyn Iterator<Item = Result<&[u8], SinkError>>> = if kind == BLOCK {
-                    Box::new(self.block_records(&value, agent, seq))
+                    Box::new(self.block_records(&value, &mut scratch, agent, seq))
                 } else {
                     Box::new(std::iter::once(Ok(value.as_ref())))
                 };
@@ -712,7 +798,18 @@ mod tests {
         // of its own, over the log's limit, so a blob file in sled.
         let mut records: Vec<EncodedRecord> =
             (1..=5_000).map(|seq| enc(seq, "device-0001")).collect();
-        records.push(enc(5_001, &"x".repeat(300 << 10)));
+        // Random letters: zstd takes a quarter off at most, so compressed
+        // the block is still well over the log's limit.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let letters: String = (0..300 << 10)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                char::from(b'a' + (state % 26) as u8)
+            })
+            .collect();
+        records.push(enc(5_001, &letters));
         store
             .commit(&[AgentRecords {
                 agent: "a".into(),
@@ -797,6 +894,87 @@ mod tests {
         store.tree.insert(&key, &[9u8][..]).unwrap();
         let err = store.ingest_times(|_, _, _| {}).unwrap_err().to_string();
         assert!(err.contains("unknown block format"), "{err}");
+    }
+
+    /// Telemetry blocks are stored compressed, in a fraction of their size,
+    /// and every reader (query, the ingest-time index that retention and the
+    /// latency report use) gets the records back exactly, after a reopen too.
+    #[test]
+    fn telemetry_blocks_are_stored_compressed_and_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<EncodedRecord> = (1..=2_000)
+            .map(|seq| enc(seq, &format!("device-{:04}", seq % 40)))
+            .collect();
+        let uncompressed: usize = records.iter().map(|r| r.encoded.len() + 1).sum();
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            store
+                .commit(&[AgentRecords {
+                    agent: "gw".into(),
+                    records: records.clone(),
+                }])
+                .unwrap();
+            let blocks: Vec<_> = store
+                .tree
+                .scan_prefix([BLOCK])
+                .map(|item| item.unwrap().1)
+                .collect();
+            assert!(blocks.iter().all(|b| b[0] == BLOCK_FORMAT_ZSTD));
+            let stored: usize = blocks.iter().map(|b| b.len()).sum();
+            assert!(
+                stored * 3 < uncompressed,
+                "{stored} bytes stored for {uncompressed}"
+            );
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let mut read = Vec::new();
+        store
+            .query(&Query::default(), &mut |agent, record| {
+                assert_eq!(agent, "gw");
+                read.push(record);
+                true
+            })
+            .unwrap();
+        let want: Vec<Record> = records
+            .iter()
+            .map(|r| Record::decode(&r.encoded[..]).unwrap())
+            .collect();
+        assert_eq!(read, want);
+        let mut indexed = Vec::new();
+        store.ingest_times(|_, _, seq| indexed.push(seq)).unwrap();
+        assert_eq!(indexed, (1..=2_000).collect::<Vec<_>>());
+    }
+
+    /// A compressed block that does not decompress is an error naming the
+    /// block, never a panic or a wrong record.
+    #[test]
+    fn a_damaged_compressed_block_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store
+            .commit(&[AgentRecords {
+                agent: "gw".into(),
+                records: (5..=100).map(|seq| enc(seq, "d")).collect(),
+            }])
+            .unwrap();
+        let key = agent_seq_key(BLOCK, "gw", 5);
+        let block = store.tree.get(&key).unwrap().unwrap().to_vec();
+        assert_eq!(block[0], BLOCK_FORMAT_ZSTD);
+        for damaged in [
+            block[..block.len() / 2].to_vec(),
+            vec![BLOCK_FORMAT_ZSTD, 0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3],
+            vec![BLOCK_FORMAT_ZSTD],
+        ] {
+            store.tree.insert(&key, damaged).unwrap();
+            let err = store
+                .query(&Query::default(), &mut |_, _| true)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("block agent=gw first seq=5"), "{err}");
+            assert!(err.contains("compressed block"), "{err}");
+            let err = store.ingest_times(|_, _, _| {}).unwrap_err().to_string();
+            assert!(err.contains("compressed block"), "{err}");
+        }
     }
 
     /// A store written before blocks (one `R` entry and one 8-byte `T`
