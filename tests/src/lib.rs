@@ -545,6 +545,20 @@ metrics:
         rate: u64,
         bad_every: u64,
     ) -> anyhow::Result<Publisher> {
+        self.publish_with_noise(devices, messages, rate, bad_every, 0)
+    }
+
+    /// [`Fleet::publish`] with `noise_bytes` random characters in every
+    /// message, which compression cannot take away: for tests that must
+    /// fill a byte cap (the agent's buffer stores telemetry compressed).
+    pub fn publish_with_noise(
+        &self,
+        devices: u32,
+        messages: u64,
+        rate: u64,
+        bad_every: u64,
+        noise_bytes: usize,
+    ) -> anyhow::Result<Publisher> {
         let out = self.dir.path().join(format!("devsim-{}.out", free_port()));
         let proc = Proc::spawn(
             "devsim",
@@ -559,6 +573,8 @@ metrics:
                 .arg(rate.to_string())
                 .arg("--bad-every")
                 .arg(bad_every.to_string())
+                .arg("--noise-bytes")
+                .arg(noise_bytes.to_string())
                 .arg("--client-id")
                 .arg(format!("devsim-{}", free_port())),
             out.clone(),

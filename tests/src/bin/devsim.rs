@@ -30,6 +30,10 @@ struct Args {
     bad_every: u64,
     #[arg(long, default_value = "devsim")]
     client_id: String,
+    /// Adds a `noise` field of this many random characters to each message:
+    /// payloads that compression cannot shrink, for tests of byte caps.
+    #[arg(long, default_value_t = 0)]
+    noise_bytes: usize,
     /// Topic is `<prefix>/<device>/telemetry`.
     #[arg(long, default_value = "devices")]
     prefix: String,
@@ -54,8 +58,14 @@ async fn main() -> anyhow::Result<()> {
     let publisher = {
         let client = client.clone();
         let args_prefix = args.prefix.clone();
-        let (devices, messages, rate, bad_every) =
-            (args.devices, args.messages, args.rate, args.bad_every);
+        let (devices, messages, rate, bad_every, noise_bytes) = (
+            args.devices,
+            args.messages,
+            args.rate,
+            args.bad_every,
+            args.noise_bytes,
+        );
+        let mut noise_state = 0x9e37_79b9_7f4a_7c15u64;
         tokio::spawn(async move {
             let started = Instant::now();
             let mut sent = 0u64;
@@ -67,13 +77,15 @@ async fn main() -> anyhow::Result<()> {
                         format!("{{\"n\": {n}, \"temp\": }}")
                     } else {
                         let t = n as f64 / 10.0;
+                        let noise = random_text(&mut noise_state, noise_bytes);
                         format!(
-                            "{{\"n\":{n},\"temp\":{:.3},\"rpm\":{},\"ok\":{},\"motor\":{{\"current\":{:.2}}},\"mode\":\"{}\"}}",
+                            "{{\"n\":{n},\"temp\":{:.3},\"rpm\":{},\"ok\":{},\"motor\":{{\"current\":{:.2}}},\"mode\":\"{}\"{}}}",
                             21.0 + 4.0 * (t + f64::from(d)).sin(),
                             1200 + (n % 400),
                             n % 7 != 0,
                             3.0 + (t * 0.5).cos(),
-                            if n % 100 < 50 { "eco" } else { "boost" }
+                            if n % 100 < 50 { "eco" } else { "boost" },
+                            if noise.is_empty() { String::new() } else { format!(",\"noise\":\"{noise}\"") }
                         )
                     };
                     if client.publish(topic, qos, false, payload).await.is_err() {
@@ -115,4 +127,17 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({ "published": sent, "acknowledged": acked })
     );
     Ok(())
+}
+
+/// `len` characters from a 64-letter alphabet, drawn with xorshift64.
+fn random_text(state: &mut u64, len: usize) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    (0..len)
+        .map(|_| {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            char::from(ALPHABET[(*state >> 58) as usize])
+        })
+        .collect()
 }
