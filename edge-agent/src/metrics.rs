@@ -167,7 +167,7 @@ impl Metrics {
         );
         r.register(
             "buffer_bytes",
-            "Bytes of records in the buffer",
+            "Bytes the buffer stores (compressed), what its maxBytes caps",
             m.buffer_bytes.clone(),
         );
         r.register(

@@ -263,7 +263,10 @@ pub struct ReductionRule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BufferConfig {
-    /// Cap on buffered record bytes (encoded size), e.g. `512MiB`.
+    /// Cap on the bytes the buffer stores, e.g. `512MiB`: records as stored,
+    /// zstd-compressed when that makes them smaller, so telemetry usually
+    /// takes a fifth of its encoded size; an append is judged at its
+    /// uncompressed size.
     #[serde(default = "default_buffer_bytes")]
     pub max_bytes: ByteSize,
     #[serde(default)]
