@@ -12,6 +12,7 @@ pub use v1::*;
 pub mod batch_zstd;
 pub mod encoded;
 mod record_writer;
+pub mod stored_zstd;
 
 pub use record_writer::{EncodedRecord, RecordWriter, SignalValue};
 

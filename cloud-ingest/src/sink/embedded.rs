@@ -39,6 +39,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgefleet_proto::encoded::check_record;
+use edgefleet_proto::stored_zstd::{decompress_into, StoredCompressor};
 use edgefleet_proto::Record;
 use edgefleet_sled_sync::DiskSync;
 use prost::Message;
@@ -50,15 +51,6 @@ use crate::query::{AgentStats, Query, RecordSource, Stats};
 const BLOCK: u8 = b'B';
 const BLOCK_FORMAT: u8 = 1;
 const BLOCK_FORMAT_ZSTD: u8 = 2;
-/// zstd's level 1: the ratio of level 3 on blocks of telemetry, faster.
-const BLOCK_ZSTD_LEVEL: i32 = 1;
-/// Bodies shorter than this stay uncompressed (a frame's overhead and a
-/// context to touch for little gain).
-const BLOCK_COMPRESS_FROM: usize = 256;
-/// What a compressed block may declare it holds: a block closes at
-/// [`BLOCK_MAX_BYTES`] unless one record is larger, and no record the
-/// ingest accepts comes near this; a larger claim is damage.
-const BLOCK_MAX_DECOMPRESSED: u64 = 1 << 30;
 const LEGACY_RECORD: u8 = b'R';
 const BY_TIME: u8 = b'T';
 const HIGH_WATER: u8 = b'H';
@@ -176,6 +168,8 @@ impl EmbeddedStore {
     /// order (the `T` index). `ingest_ns` is taken when the commit starts,
     /// just before its write and fsync.
     pub fn ingest_times(&self, mut emit: impl FnMut(u64, &str, u64)) -> Result<(), SinkError> {
+        // Decompressed blocks, one buffer for all of them.
+        let mut scratch = Vec::new();
         for entry in self.tree.scan_prefix([BY_TIME]) {
             let (key, value) = entry.map_err(|e| self.io(e))?;
             let (ingest_ns, agent, seq) = self.parse_time_key(&key)?;
@@ -191,7 +185,6 @@ impl EmbeddedStore {
             else {
                 continue;
             };
-            let mut scratch = Vec::new();
             for encoded in self.block_records(&block, &mut scratch, agent, seq) {
                 let seq = check_record(encoded?).map_err(|e| {
                     self.corrupt(
@@ -301,12 +294,12 @@ impl EmbeddedStore {
                 rest = &value[1..];
                 None
             }
-            Some(&BLOCK_FORMAT_ZSTD) => match unpack(&value[1..], scratch) {
+            Some(&BLOCK_FORMAT_ZSTD) => match decompress_into(&value[1..], scratch) {
                 Ok(()) => {
                     rest = scratch;
                     None
                 }
-                Err(reason) => Some(self.corrupt(what.clone(), reason)),
+                Err(e) => Some(self.corrupt(what.clone(), format!("compressed block: {e}"))),
             },
             other => Some(self.corrupt(
                 what.clone(),
@@ -438,12 +431,13 @@ impl Sink for EmbeddedStore {
 /// to several hundred KiB.)
 const BLOCK_MAX_BYTES: usize = 7 * 1024;
 
-/// Builds block values, compressed when that makes them smaller, with one
-/// zstd context (made on first use) and one body buffer for all commits.
+/// Builds block values, compressed when that makes them smaller
+/// ([`edgefleet_proto::stored_zstd`]), with one zstd context and one body
+/// buffer for all commits.
 #[derive(Default)]
 struct BlockPacker {
     body: Vec<u8>,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    zstd: StoredCompressor,
 }
 
 impl BlockPacker {
@@ -456,47 +450,13 @@ impl BlockPacker {
             prost::encoding::encode_varint(record.encoded.len() as u64, &mut self.body);
             self.body.extend_from_slice(&record.encoded);
         }
-        let body = &self.body[1..];
-        if body.len() >= BLOCK_COMPRESS_FROM {
-            if self.zstd.is_none() {
-                match zstd::bulk::Compressor::new(BLOCK_ZSTD_LEVEL) {
-                    Ok(context) => self.zstd = Some(context),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "no zstd context: storing blocks uncompressed")
-                    }
-                }
-            }
-            if let Some(context) = self.zstd.as_mut() {
-                let mut value = vec![0u8; 1 + zstd::zstd_safe::compress_bound(body.len())];
-                if let Ok(len) = context.compress_to_buffer(body, &mut value[1..]) {
-                    if len < body.len() {
-                        value.truncate(1 + len);
-                        value[0] = BLOCK_FORMAT_ZSTD;
-                        return value;
-                    }
-                }
-            }
+        let mut value = vec![BLOCK_FORMAT_ZSTD];
+        if self.zstd.compress_into(&self.body[1..], &mut value) {
+            value
+        } else {
+            self.body.clone()
         }
-        self.body.clone()
     }
-}
-
-/// Decompresses the frame of a compressed block into `out`.
-fn unpack(frame: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-    let size = match zstd::zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(size)) if size <= BLOCK_MAX_DECOMPRESSED => size as usize,
-        Ok(Some(size)) => return Err(format!("compressed block declares {size} bytes")),
-        _ => return Err("compressed block has no readable zstd frame header".into()),
-    };
-    *out = zstd::bulk::decompress(frame, size)
-        .map_err(|e| format!("compressed block does not decompress: {e}"))?;
-    if out.len() != size {
-        return Err(format!(
-            "compressed block decompressed to {} bytes, its frame says {size}",
-            out.len()
-        ));
-    }
-    Ok(())
 }
 
 /// Splits one agent's batch into the runs of records stored as one block
@@ -534,6 +494,8 @@ impl RecordSource for EmbeddedStore {
         let mut emitted = 0usize;
         // An agent's records in an old store's `R` entries precede its
         // blocks; across agents, those come first.
+        // Decompressed blocks, one buffer for all of them.
+        let mut scratch = Vec::new();
         for kind in [LEGACY_RECORD, BLOCK] {
             let mut prefix = vec![kind];
             if let Some(agent) = &query.agent {
@@ -548,7 +510,6 @@ impl RecordSource for EmbeddedStore {
                         "malformed key".into(),
                     )
                 })?;
-                let mut scratch = Vec::new();
                 let records: Box<dyn Iterator<Item = Result<&[u8], SinkError>>> = if kind == BLOCK {
                     Box::new(self.block_records(&value, &mut scratch, agent, seq))
                 } else {

@@ -27,6 +27,7 @@
 //! (BENCHMARKS.md, "Compressed segments"). A segment that does not shrink
 //! is stored as tag 1. The zstd library is the one tonic already links.
 
+use edgefleet_proto::stored_zstd::{decompress_into, StoredCompressor};
 use edgefleet_proto::Record;
 use prost::bytes::Buf;
 use prost::Message;
@@ -34,17 +35,6 @@ use prost::Message;
 pub const TAG: u8 = 1;
 pub const TAG_ZSTD: u8 = 2;
 pub const HEADER_LEN: usize = 5;
-
-/// Bodies shorter than this are stored as they are: a zstd frame has a
-/// dozen bytes of overhead and a context to touch for little gain.
-const COMPRESS_FROM: usize = 256;
-/// zstd's level 1: about the ratio of level 3 on segments (5.8 against 5.8
-/// on the `spine` records) at more speed.
-const LEVEL: i32 = 1;
-/// What a compressed segment may declare it holds. The committer closes a
-/// segment at [`MAX_BYTES`] unless one record is larger; nothing the agent
-/// accepts comes near this, so a larger claim is damage.
-const MAX_DECOMPRESSED: u64 = 1 << 30;
 
 /// A new record starts a new segment rather than take one past this size.
 ///
@@ -128,11 +118,12 @@ pub fn finish(buf: &mut [u8]) {
 }
 
 /// Turns segments built with [`start`] and [`push_encoded`] into the values
-/// to store, compressed when that makes them smaller. Keeps its zstd
-/// context (made on first use) and output buffer across segments.
+/// to store, compressed when that makes them smaller
+/// ([`edgefleet_proto::stored_zstd`]). Keeps its zstd context and output
+/// buffer across segments.
 #[derive(Default)]
 pub struct Sealer {
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    zstd: StoredCompressor,
     packed: Vec<u8>,
 }
 
@@ -140,71 +131,16 @@ impl Sealer {
     /// The value to store for the segment in `buf`.
     pub fn seal<'a>(&'a mut self, buf: &'a mut [u8]) -> &'a [u8] {
         let body = &buf[HEADER_LEN..];
-        if body.len() >= COMPRESS_FROM && self.compress(body) {
+        self.packed.clear();
+        self.packed.extend_from_slice(&[TAG_ZSTD, 0, 0, 0, 0]);
+        if self.zstd.compress_into(body, &mut self.packed) {
+            let crc = crc32fast::hash(&self.packed[HEADER_LEN..]);
+            self.packed[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
             return &self.packed;
         }
         finish(buf);
         buf
     }
-
-    /// Fills `packed` with a tag-2 segment of `body`; false when that would
-    /// not be smaller (or zstd fails: the segment is then stored as it is).
-    fn compress(&mut self, body: &[u8]) -> bool {
-        if self.zstd.is_none() {
-            match zstd::bulk::Compressor::new(LEVEL) {
-                Ok(context) => self.zstd = Some(context),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no zstd context: storing segments uncompressed");
-                    return false;
-                }
-            }
-        }
-        let Some(context) = self.zstd.as_mut() else {
-            return false;
-        };
-        self.packed.clear();
-        self.packed
-            .resize(HEADER_LEN + zstd::zstd_safe::compress_bound(body.len()), 0);
-        let Ok(len) = context.compress_to_buffer(body, &mut self.packed[HEADER_LEN..]) else {
-            return false;
-        };
-        if len >= body.len() {
-            return false;
-        }
-        self.packed.truncate(HEADER_LEN + len);
-        self.packed[0] = TAG_ZSTD;
-        let crc = crc32fast::hash(&self.packed[HEADER_LEN..]);
-        self.packed[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
-        true
-    }
-}
-
-thread_local! {
-    /// Readers are the uplink's and the opener's threads; a context per
-    /// thread rather than per read (zstd allocates its window on first use).
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Decompresses a tag-2 frame into `out` (cleared first).
-fn decompress(frame: &[u8], out: &mut Vec<u8>) -> Result<(), Damage> {
-    let size = match zstd::zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(size)) if size <= MAX_DECOMPRESSED => size as usize,
-        _ => return Err(Damage::Decompress),
-    };
-    out.clear();
-    out.reserve(size);
-    DECOMPRESSOR.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        if cell.is_none() {
-            *cell = Some(zstd::bulk::Decompressor::new().map_err(|_| Damage::Decompress)?);
-        }
-        let context = cell.as_mut().expect("made above");
-        match context.decompress_to_buffer(frame, out) {
-            Ok(n) if n == size => Ok(()),
-            _ => Err(Damage::Decompress),
-        }
-    })
 }
 
 /// Checks a segment that should hold `count` records and returns them, still
@@ -223,7 +159,7 @@ pub fn records<'a>(
         return Err(Damage::Checksum);
     }
     let body: &'a [u8] = if value[0] == TAG_ZSTD {
-        decompress(stored, scratch)?;
+        decompress_into(stored, scratch).map_err(|_| Damage::Decompress)?;
         scratch
     } else {
         stored
@@ -304,7 +240,7 @@ mod tests {
     fn small_and_incompressible_segments_are_stored_as_they_are() {
         let mut sealer = Sealer::default();
         let (mut small, wanted) = built(3);
-        assert!(small.len() < COMPRESS_FROM);
+        assert!(small.len() < edgefleet_proto::stored_zstd::COMPRESS_FROM);
         let value = sealer.seal(&mut small).to_vec();
         assert_eq!(value[0], TAG);
         let mut scratch = Vec::new();
