@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use edgefleet_tests::{check_delivery, http_get, metric, wait_until, AgentOptions, Fleet};
+use edgefleet_tests::{
+    check_delivery, http_get, metric, wait_until, AgentOptions, Fleet, SmallDisk,
+};
 use rand::Rng;
 
 const DRAIN: Duration = Duration::from_secs(120);
@@ -194,6 +196,52 @@ fn sigkill_of_the_ingest_under_load_loses_and_duplicates_nothing() {
         (d.stored, d.duplicates, d.lost, d.out_of_order),
         (published, 0, 0, 0),
         "{kills} kills: {d:?}"
+    );
+}
+
+#[test]
+fn the_ingest_store_running_out_of_disk_loses_and_duplicates_nothing_once_space_returns() {
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    let disk = SmallDisk::mount(&fleet.store, 64 << 20).unwrap();
+    fleet.start_ingest().unwrap();
+    disk.fill(512 << 10).unwrap();
+    let agent = AgentOptions::new("gw-1");
+    let _proc = fleet.start_agent(&agent).unwrap();
+    // 200 random characters a message: the store's compression cannot
+    // make the records fit in what is left.
+    let (devices, messages) = (4, 1500);
+    let publisher = fleet
+        .publish_with_noise(devices, messages, 3000, 0, 200)
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || fleet
+            .ingest_log()
+            .contains("No space left on device")),
+        "the ingest never reported the full disk; its log:\n{}",
+        fleet.ingest_log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        fleet.ingest.as_mut().unwrap().is_running(),
+        "the ingest died of a full disk; its log:\n{}",
+        fleet.ingest_log()
+    );
+    let stored_while_full = fleet.stored();
+    assert!(stored_while_full < u64::from(devices) * messages);
+    disk.free().unwrap();
+    let published = publisher.wait(Duration::from_secs(120)).unwrap();
+    assert!(
+        wait_until(DRAIN, || fleet.stored() >= published),
+        "stored {} of {published} after space returned; the ingest's log ends:\n{}",
+        fleet.stored(),
+        fleet.ingest.as_ref().unwrap().log_tail(40)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let d = final_delivery(&mut fleet, devices, messages, |_| false);
+    assert_eq!(
+        (d.stored, d.duplicates, d.lost, d.out_of_order),
+        (published, 0, 0, 0),
+        "{stored_while_full} stored while the disk was full: {d:?}"
     );
 }
 

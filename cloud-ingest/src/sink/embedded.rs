@@ -35,8 +35,9 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgefleet_proto::encoded::check_record;
 use edgefleet_proto::stored_zstd::{decompress_into, StoredCompressor};
@@ -67,13 +68,29 @@ const RETENTION_CHUNK: usize = 5_000;
 
 pub struct EmbeddedStore {
     path: PathBuf,
+    /// The open database. sled refuses every operation after one write of
+    /// its log failed (a full disk, an I/O error) until it is opened again,
+    /// and what it holds in memory may then be ahead of what reached the
+    /// disk; so a failed write or sync marks the store `broken`, and the
+    /// next caller reopens it ([`EmbeddedStore::opened`]): sled recovers
+    /// what is on disk, as after a crash, and nobody is told a record is
+    /// stored that a restart would not find.
+    opened: RwLock<Option<Arc<Opened>>>,
+    broken: AtomicBool,
+    /// When the last reopen was tried: at most one a second while the
+    /// disk stays full.
+    last_reopen: Mutex<Option<Instant>>,
+    /// Held by writers (commits, retention and reopening); holds the
+    /// commit's block compressor, so one zstd context serves every commit.
+    write_lock: Mutex<BlockPacker>,
+}
+
+/// One opening of the sled database.
+struct Opened {
     db: sled::Db,
     /// What sled's flush leaves unsynced (see `edgefleet_sled_sync`).
     disk: DiskSync,
     tree: sled::Tree,
-    /// Held by writers (commits and retention); holds the commit's block
-    /// compressor, so one zstd context serves every commit.
-    write_lock: Mutex<BlockPacker>,
 }
 
 /// What one retention pass deleted.
@@ -105,6 +122,108 @@ impl EmbeddedStore {
     }
 
     fn open_inner(dir: &Path) -> Result<Self, SinkError> {
+        Ok(Self {
+            path: dir.to_path_buf(),
+            opened: RwLock::new(Some(Arc::new(Opened::open(dir)?))),
+            broken: AtomicBool::new(false),
+            last_reopen: Mutex::new(None),
+            write_lock: Mutex::new(BlockPacker::default()),
+        })
+    }
+
+    /// The open database, reopened first if a write failed since.
+    fn opened(&self) -> Result<Arc<Opened>, SinkError> {
+        if self.broken.load(Ordering::Acquire) {
+            let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.reopen_locked()?;
+        }
+        self.current()
+    }
+
+    /// [`EmbeddedStore::opened`] for a caller that holds `write_lock`.
+    fn opened_locked(&self) -> Result<Arc<Opened>, SinkError> {
+        if self.broken.load(Ordering::Acquire) {
+            self.reopen_locked()?;
+        }
+        self.current()
+    }
+
+    fn current(&self) -> Result<Arc<Opened>, SinkError> {
+        self.opened
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| SinkError::Unavailable {
+                path: self.path.clone(),
+                reason: "a write failed and the store could not be reopened yet".into(),
+            })
+    }
+
+    /// Marks the store for reopening after `error` from a write or a sync.
+    fn failed_write(&self, error: SinkError) -> SinkError {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            tracing::error!(store = %self.path.display(), %error, "a store write failed; the store will be reopened from what is on disk");
+        }
+        error
+    }
+
+    /// Called with `write_lock` held, so no write runs meanwhile.
+    fn reopen_locked(&self) -> Result<(), SinkError> {
+        if !self.broken.load(Ordering::Acquire) {
+            return Ok(()); // Another caller did it.
+        }
+        {
+            let mut last = self.last_reopen.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return Err(SinkError::Unavailable {
+                    path: self.path.clone(),
+                    reason: "a write failed and reopening failed less than a second ago".into(),
+                });
+            }
+            *last = Some(Instant::now());
+        }
+        let mut opened = self.opened.write().unwrap_or_else(|p| p.into_inner());
+        // sled admits one opening of a directory at a time: the old one must
+        // be gone (readers hold it only while they read).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while opened
+            .as_ref()
+            .is_some_and(|old| Arc::strong_count(old) > 1)
+        {
+            if Instant::now() > deadline {
+                return Err(SinkError::Unavailable {
+                    path: self.path.clone(),
+                    reason: "a write failed, and a reader still holds the store".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(opened.take());
+        match Opened::open(&self.path) {
+            Ok(fresh) => {
+                *opened = Some(Arc::new(fresh));
+                self.broken.store(false, Ordering::Release);
+                tracing::info!(store = %self.path.display(), "store reopened after a failed write");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(store = %self.path.display(), error = %e, "cannot reopen the store yet");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Opened {
+    fn open(dir: &Path) -> Result<Self, SinkError> {
+        let unfinished =
+            edgefleet_sled_sync::remove_unfinished_snapshots(dir).map_err(|e| SinkError::Open {
+                path: dir.to_path_buf(),
+                source: sled::Error::Io(e),
+            })?;
+        for file in unfinished {
+            tracing::warn!(file = %file.display(), "deleted a snapshot sled did not finish writing (a full disk?)");
+        }
         // Commits flush explicitly; sled's periodic flusher would only add a
         // thread that keeps the store open a little past drop.
         let db = sled::Config::new()
@@ -122,15 +241,11 @@ impl EmbeddedStore {
             path: dir.to_path_buf(),
             source: sled::Error::Io(e),
         })?;
-        Ok(Self {
-            path: dir.to_path_buf(),
-            db,
-            disk,
-            tree,
-            write_lock: Mutex::new(BlockPacker::default()),
-        })
+        Ok(Opened { db, disk, tree })
     }
+}
 
+impl EmbeddedStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -160,8 +275,15 @@ impl EmbeddedStore {
     /// `flush` for a caller that holds `write_lock`: `DiskSync` must not
     /// list sled's blob files while another writer may be writing one.
     fn flush_locked(&self) -> Result<(), SinkError> {
-        self.db.flush().map_err(|e| self.io(e))?;
-        self.disk.sync().map_err(|e| self.io(sled::Error::Io(e)))
+        let opened = self.opened_locked()?;
+        opened
+            .db
+            .flush()
+            .map_err(|e| self.failed_write(self.io(e)))?;
+        opened
+            .disk
+            .sync()
+            .map_err(|e| self.failed_write(self.io(sled::Error::Io(e))))
     }
 
     /// When each record was committed: `(ingest_ns, agent, seq)` in commit
@@ -170,7 +292,8 @@ impl EmbeddedStore {
     pub fn ingest_times(&self, mut emit: impl FnMut(u64, &str, u64)) -> Result<(), SinkError> {
         // Decompressed blocks, one buffer for all of them.
         let mut scratch = Vec::new();
-        for entry in self.tree.scan_prefix([BY_TIME]) {
+        let opened = self.opened()?;
+        for entry in opened.tree.scan_prefix([BY_TIME]) {
             let (key, value) = entry.map_err(|e| self.io(e))?;
             let (ingest_ns, agent, seq) = self.parse_time_key(&key)?;
             let ingest_ns = ingest_ns as u64;
@@ -178,7 +301,7 @@ impl EmbeddedStore {
                 emit(ingest_ns, agent, seq);
                 continue;
             }
-            let Some(block) = self
+            let Some(block) = opened
                 .tree
                 .get(agent_seq_key(BLOCK, agent, seq))
                 .map_err(|e| self.io(e))?
@@ -200,7 +323,7 @@ impl EmbeddedStore {
 
     /// Bytes of all stored records as retention counts them.
     pub fn stored_bytes(&self) -> Result<u64, SinkError> {
-        self.read_u64(META_BYTES)
+        self.read_u64(&self.opened()?.tree, META_BYTES)
     }
 
     /// Deletes the oldest records (by ingest time) that are older than
@@ -220,12 +343,14 @@ impl EmbeddedStore {
         }
         loop {
             let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let mut total = self.read_u64(META_BYTES)?;
+            let opened = self.opened_locked()?;
+            let tree = &opened.tree;
+            let mut total = self.read_u64(tree, META_BYTES)?;
             let mut batch = sled::Batch::default();
             let mut counts: HashMap<String, u64> = HashMap::new();
             let mut deleted = 0usize;
             let mut exhausted = true;
-            for entry in self.tree.scan_prefix([BY_TIME]) {
+            for entry in tree.scan_prefix([BY_TIME]) {
                 let (key, value) = entry.map_err(|e| self.io(e))?;
                 let (ingest_ns, agent, seq) = self.parse_time_key(&key)?;
                 let too_old = cutoff_ns.is_some_and(|cutoff| ingest_ns < cutoff);
@@ -252,7 +377,7 @@ impl EmbeddedStore {
                 total = total.saturating_sub(size);
                 let count = match counts.entry(agent.to_string()) {
                     Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(e) => e.insert(self.read_u64(&agent_key(COUNT, agent))?),
+                    Entry::Vacant(e) => e.insert(self.read_u64(tree, &agent_key(COUNT, agent))?),
                 };
                 *count = count.saturating_sub(records);
                 report.deleted_records += records;
@@ -266,7 +391,8 @@ impl EmbeddedStore {
                 batch.insert(agent_key(COUNT, agent), &count.to_be_bytes());
             }
             batch.insert(META_BYTES, &total.to_be_bytes());
-            self.tree.apply_batch(batch).map_err(|e| self.io(e))?;
+            tree.apply_batch(batch)
+                .map_err(|e| self.failed_write(self.io(e)))?;
             if exhausted {
                 break;
             }
@@ -334,11 +460,17 @@ impl EmbeddedStore {
             }))
     }
 
-    fn read_u64(&self, key: &[u8]) -> Result<u64, SinkError> {
-        match self.tree.get(key).map_err(|e| self.io(e))? {
+    fn read_u64(&self, tree: &sled::Tree, key: &[u8]) -> Result<u64, SinkError> {
+        match tree.get(key).map_err(|e| self.io(e))? {
             None => Ok(0),
             Some(value) => self.parse_u64(&value, || String::from_utf8_lossy(key).into_owned()),
         }
+    }
+
+    /// The tree, for tests that look at or damage entries directly.
+    #[cfg(test)]
+    fn tree(&self) -> sled::Tree {
+        self.current().expect("store open").tree.clone()
     }
 
     fn parse_u64(&self, value: &[u8], what: impl FnOnce() -> String) -> Result<u64, SinkError> {
@@ -375,13 +507,15 @@ impl EmbeddedStore {
 
 impl Sink for EmbeddedStore {
     fn stored_through(&self, agent: &str) -> Result<u64, SinkError> {
-        self.read_u64(&agent_key(HIGH_WATER, agent))
+        self.read_u64(&self.opened()?.tree, &agent_key(HIGH_WATER, agent))
     }
 
     fn commit(&self, batches: &[AgentRecords]) -> Result<(), SinkError> {
         let mut packer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let ingest_ns = unix_ns(SystemTime::now()) as u64;
-        let mut total = self.read_u64(META_BYTES)?;
+        let opened = self.opened_locked()?;
+        let tree = &opened.tree;
+        let mut total = self.read_u64(tree, META_BYTES)?;
         // Per agent: (high-water mark, record count), read once per commit.
         let mut agents: HashMap<&str, (u64, u64)> = HashMap::new();
         let mut batch = sled::Batch::default();
@@ -389,8 +523,8 @@ impl Sink for EmbeddedStore {
             let state = match agents.entry(agent.as_str()) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
-                    let high = self.read_u64(&agent_key(HIGH_WATER, agent))?;
-                    let count = self.read_u64(&agent_key(COUNT, agent))?;
+                    let high = self.read_u64(tree, &agent_key(HIGH_WATER, agent))?;
+                    let count = self.read_u64(tree, &agent_key(COUNT, agent))?;
                     e.insert((high, count))
                 }
             };
@@ -418,7 +552,8 @@ impl Sink for EmbeddedStore {
             batch.insert(agent_key(COUNT, agent), &count.to_be_bytes());
         }
         batch.insert(META_BYTES, &total.to_be_bytes());
-        self.tree.apply_batch(batch).map_err(|e| self.io(e))?;
+        tree.apply_batch(batch)
+            .map_err(|e| self.failed_write(self.io(e)))?;
         self.flush_locked()
     }
 }
@@ -496,13 +631,14 @@ impl RecordSource for EmbeddedStore {
         // blocks; across agents, those come first.
         // Decompressed blocks, one buffer for all of them.
         let mut scratch = Vec::new();
+        let opened = self.opened()?;
         for kind in [LEGACY_RECORD, BLOCK] {
             let mut prefix = vec![kind];
             if let Some(agent) = &query.agent {
                 prefix.extend_from_slice(agent.as_bytes());
                 prefix.push(0);
             }
-            for entry in self.tree.scan_prefix(prefix) {
+            for entry in opened.tree.scan_prefix(prefix) {
                 let (key, value) = entry.map_err(|e| self.io(e))?;
                 let (agent, seq) = split_agent_seq(&key[1..]).ok_or_else(|| {
                     self.corrupt(
@@ -535,12 +671,13 @@ impl RecordSource for EmbeddedStore {
     }
 
     fn stats(&self) -> Result<Stats, SinkError> {
+        let opened = self.opened()?;
         let mut stats = Stats {
-            stored_bytes: self.read_u64(META_BYTES)?,
+            stored_bytes: self.read_u64(&opened.tree, META_BYTES)?,
             ..Stats::default()
         };
         for (kind, is_count) in [(HIGH_WATER, false), (COUNT, true)] {
-            for entry in self.tree.scan_prefix([kind]) {
+            for entry in opened.tree.scan_prefix([kind]) {
                 let (key, value) = entry.map_err(|e| self.io(e))?;
                 let agent = std::str::from_utf8(&key[1..]).map_err(|_| {
                     self.corrupt(
@@ -820,7 +957,7 @@ mod tests {
             }])
             .unwrap();
         store
-            .tree
+            .tree()
             .insert(
                 agent_seq_key(LEGACY_RECORD, "gw", 2),
                 &[0xff, 0xff, 0xff][..],
@@ -844,15 +981,15 @@ mod tests {
             }])
             .unwrap();
         let key = agent_seq_key(BLOCK, "gw", 5);
-        let mut block = store.tree.get(&key).unwrap().unwrap().to_vec();
+        let mut block = store.tree().get(&key).unwrap().unwrap().to_vec();
         block.truncate(block.len() - 3);
-        store.tree.insert(&key, block).unwrap();
+        store.tree().insert(&key, block).unwrap();
         let err = store
             .query(&Query::default(), &mut |_, _| true)
             .unwrap_err()
             .to_string();
         assert!(err.contains("block agent=gw first seq=5"), "{err}");
-        store.tree.insert(&key, &[9u8][..]).unwrap();
+        store.tree().insert(&key, &[9u8][..]).unwrap();
         let err = store.ingest_times(|_, _, _| {}).unwrap_err().to_string();
         assert!(err.contains("unknown block format"), "{err}");
     }
@@ -876,7 +1013,7 @@ mod tests {
                 }])
                 .unwrap();
             let blocks: Vec<_> = store
-                .tree
+                .tree()
                 .scan_prefix([BLOCK])
                 .map(|item| item.unwrap().1)
                 .collect();
@@ -919,14 +1056,14 @@ mod tests {
             }])
             .unwrap();
         let key = agent_seq_key(BLOCK, "gw", 5);
-        let block = store.tree.get(&key).unwrap().unwrap().to_vec();
+        let block = store.tree().get(&key).unwrap().unwrap().to_vec();
         assert_eq!(block[0], BLOCK_FORMAT_ZSTD);
         for damaged in [
             block[..block.len() / 2].to_vec(),
             vec![BLOCK_FORMAT_ZSTD, 0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3],
             vec![BLOCK_FORMAT_ZSTD],
         ] {
-            store.tree.insert(&key, damaged).unwrap();
+            store.tree().insert(&key, damaged).unwrap();
             let err = store
                 .query(&Query::default(), &mut |_, _| true)
                 .unwrap_err()
@@ -949,24 +1086,24 @@ mod tests {
             let value = rec(seq, "old").encode_to_vec();
             let size = 100u64;
             store
-                .tree
+                .tree()
                 .insert(agent_seq_key(LEGACY_RECORD, "gw", seq), value)
                 .unwrap();
             store
-                .tree
+                .tree()
                 .insert(time_key(old_ns, "gw", seq), &size.to_be_bytes())
                 .unwrap();
         }
         store
-            .tree
+            .tree()
             .insert(agent_key(HIGH_WATER, "gw"), &3u64.to_be_bytes())
             .unwrap();
         store
-            .tree
+            .tree()
             .insert(agent_key(COUNT, "gw"), &3u64.to_be_bytes())
             .unwrap();
         store
-            .tree
+            .tree()
             .insert(META_BYTES, &300u64.to_be_bytes())
             .unwrap();
         store

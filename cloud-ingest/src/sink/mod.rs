@@ -67,6 +67,8 @@ pub enum SinkError {
         #[source]
         source: sled::Error,
     },
+    #[error("store {path} is unavailable: {reason}")]
+    Unavailable { path: PathBuf, reason: String },
     #[error("store {path}: corrupt entry {what}: {reason}")]
     Corrupt {
         path: PathBuf,

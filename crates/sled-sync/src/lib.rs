@@ -94,6 +94,35 @@ impl DiskSync {
     }
 }
 
+/// Deletes the snapshot files sled began writing in `dir` and never
+/// finished; call it before opening the database. sled 0.34 writes a
+/// snapshot to `snap.<lsn>.generating` and renames it when complete, but a
+/// write that fails (a full disk) leaves that file behind, and sled's own
+/// listing of snapshots skips only an older suffix: the next open reads the
+/// fragment as the newest snapshot and refuses the whole database as
+/// corrupt, although its log is intact. A snapshot only saves replaying the
+/// log, so an unfinished one is nothing to keep. Returns what it deleted.
+pub fn remove_unfinished_snapshots(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let unfinished = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with("snap.") && name.ends_with(".generating"));
+        if unfinished {
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 /// Pages of `path` the kernel still holds dirty, from `cachestat(2)`
 /// (Linux 6.5 and later): the one thing a process can observe of whether
 /// a file's data reached the disk. Tests use it to check that what was
@@ -183,6 +212,33 @@ pub fn unsynced_files(dir: &Path) -> io::Result<Unsynced> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unfinished_snapshot_no_longer_makes_sled_refuse_its_database() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            db.insert(b"kept", &b"value"[..]).unwrap();
+            db.flush().unwrap();
+        }
+        // What a snapshot write cut off by a full disk leaves: an empty file
+        // under the name sled writes to first, newer than any snapshot.
+        std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFF0.generating"), b"").unwrap();
+        let refused = sled::Config::new().path(dir.path()).open();
+        assert!(
+            refused.is_err(),
+            "sled 0.34 refuses the database while the fragment is there; if a \
+             newer sled does not, this workaround can go"
+        );
+        drop(refused);
+        let removed = super::remove_unfinished_snapshots(dir.path()).unwrap();
+        assert_eq!(removed.len(), 1);
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        assert_eq!(db.get(b"kept").unwrap().as_deref(), Some(&b"value"[..]));
+        assert!(super::remove_unfinished_snapshots(dir.path())
+            .unwrap()
+            .is_empty());
+    }
+
     use super::*;
     use std::io::Write;
 
