@@ -27,13 +27,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use crate::dedupe::{self, DedupeMemory, Position};
-use crate::{keys, segment};
+use crate::{keys, open, segment};
 use crate::{
     BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Incoming, Levels, Outcome,
 };
 use edgefleet_sled_sync::DiskSync;
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
+
+/// The open database, shared by the committer and the readers.
+pub(crate) type SharedDb = Arc<std::sync::RwLock<Option<sled::Db>>>;
 
 pub(crate) enum Op {
     Append {
@@ -78,6 +81,12 @@ pub enum AnchorOutcome {
 
 pub(crate) struct Committer {
     tree: sled::Db,
+    /// The database as readers ([`crate::Buffer::read_batch`]) find it;
+    /// `None` while it is reopened after a failed write.
+    shared: SharedDb,
+    /// A write failed: sled refuses everything from then on, so the
+    /// committer reopens the database before its next group.
+    broken: bool,
     /// What sled's flush leaves unsynced (see `edgefleet_sled_sync`).
     disk: DiskSync,
     options: BufferOptions,
@@ -224,6 +233,7 @@ struct Group {
 impl Committer {
     pub fn new(
         tree: sled::Db,
+        shared: SharedDb,
         disk: DiskSync,
         options: BufferOptions,
         levels: Levels,
@@ -235,6 +245,8 @@ impl Committer {
         let (dedupe, dedupe_log) = load_dedupe(&tree);
         Self {
             tree,
+            shared,
+            broken: false,
             disk,
             options,
             levels,
@@ -316,6 +328,9 @@ impl Committer {
                 self.route(next, &mut group, &mut barrier);
             }
             self.commit(group);
+            if self.broken {
+                self = self.reopen();
+            }
             match barrier {
                 Some(Op::Close { reply }) => {
                     let _ = self.flush();
@@ -332,6 +347,57 @@ impl Committer {
             }
         }
         let _ = self.flush();
+    }
+
+    /// Reopens the database after a failed write, as the agent would at
+    /// start (unfinished snapshots removed, a corrupt database quarantined),
+    /// and rebuilds every level and memory from what is on disk, retrying
+    /// every second until that works (the disk may still be full).
+    /// Sequence numbers the failed groups took may be taken again: none of
+    /// them was durable, so none was acknowledged to a source or sent.
+    fn reopen(self) -> Committer {
+        let Committer {
+            tree,
+            shared,
+            disk,
+            options,
+            levels_tx,
+            counters,
+            ..
+        } = self;
+        // sled admits one opening of a directory: every handle must go.
+        drop(tree);
+        drop(disk);
+        let dir = options.buffer_dir();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let old = shared.write().unwrap_or_else(|p| p.into_inner()).take();
+            drop(old);
+            let opened = open::open_or_quarantine(&options).and_then(|(tree, report, levels)| {
+                let disk = DiskSync::open(&dir).map_err(|source| BufferError::Io {
+                    dir: dir.clone(),
+                    source,
+                })?;
+                Ok((tree, report, levels, disk))
+            });
+            match opened {
+                Ok((tree, report, levels, disk)) => {
+                    if let Some(q) = &report.quarantined {
+                        tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, "buffer could not be reopened and has been quarantined");
+                    }
+                    tracing::info!(dir = %dir.display(), records = levels.records, "buffer reopened after a failed write");
+                    *shared.write().unwrap_or_else(|p| p.into_inner()) = Some(tree.clone());
+                    levels_tx.send_replace(levels);
+                    return Committer::new(
+                        tree, shared, disk, options, levels, levels_tx, counters,
+                    );
+                }
+                // A reader may still hold the old database for a moment.
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot reopen the buffer yet; retrying")
+                }
+            }
+        }
     }
 
     /// sled's flush, then what it leaves unsynced: what is durable after
@@ -738,11 +804,11 @@ impl Committer {
                 for reply in group.done {
                     let _ = reply.send(Err(BufferError::WriteFailed(message.clone())));
                 }
-                // Whether the batch reached sled's memory is unknown; keep the
-                // levels (never reuse a sequence number) but do not call
-                // anything durable until a later flush succeeds. Slow down so
-                // a failing disk is not hammered.
-                std::thread::sleep(Duration::from_millis(100));
+                // sled refuses every operation after a failed write until
+                // it is opened again; the run loop reopens it before the
+                // next group. What reached the disk is then all there is:
+                // nothing of this group was acknowledged to anyone.
+                self.broken = true;
             }
         }
         self.trim_dead_letters();

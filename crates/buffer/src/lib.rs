@@ -231,7 +231,8 @@ pub(crate) struct Levels {
 }
 
 struct Inner {
-    tree: sled::Db,
+    /// `None` only while the committer reopens it after a failed write.
+    tree: committer::SharedDb,
     control: flume::Sender<committer::Op>,
     appends: flume::Sender<committer::Op>,
     levels: watch::Receiver<Levels>,
@@ -264,8 +265,10 @@ impl Buffer {
         // Bounded: when the committer falls behind (or is stalled by the
         // `Block` policy) sources wait here.
         let (appends_tx, appends_rx) = flume::bounded(256);
+        let shared: committer::SharedDb = Arc::new(std::sync::RwLock::new(Some(tree.clone())));
         let committer = committer::Committer::new(
-            tree.clone(),
+            tree,
+            shared.clone(),
             disk,
             options.clone(),
             levels,
@@ -281,7 +284,7 @@ impl Buffer {
             })?;
         let buffer = Buffer {
             inner: Arc::new(Inner {
-                tree,
+                tree: shared,
                 control: control_tx,
                 appends: appends_tx,
                 levels: levels_rx,
@@ -488,7 +491,7 @@ impl Buffer {
             dir: self.inner.dir.clone(),
             source,
         };
-        let tree = &self.inner.tree;
+        let tree = &self.db()?;
         // The segment holding `from` starts at or before it: the last one
         // starting there, then every later one starting while durable.
         let start = tree
@@ -571,10 +574,23 @@ impl Buffer {
 
     /// The dead letters, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, BufferError> {
-        open::read_dead_letters(&self.inner.tree).map_err(|source| BufferError::Storage {
+        open::read_dead_letters(&self.db()?).map_err(|source| BufferError::Storage {
             dir: self.inner.dir.clone(),
             source,
         })
+    }
+
+    /// The database as it is now; an error while the committer reopens it
+    /// after a failed write (readers hold it only while they read).
+    fn db(&self) -> Result<sled::Db, BufferError> {
+        self.inner
+            .tree
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                BufferError::WriteFailed("the buffer is being reopened after a failed write".into())
+            })
     }
 
     /// Flushes and stops the committer. Appends after this fail with `Closed`.
