@@ -29,6 +29,36 @@ fn wait_all_stored(fleet: &Fleet, published: u64) {
     std::thread::sleep(Duration::from_secs(1));
 }
 
+/// Waits for `proc` to report that its disk is full, then checks that it
+/// is still running a moment later.
+fn outlives_a_full_disk(proc: &mut edgefleet_tests::Proc) {
+    assert!(
+        wait_until(Duration::from_secs(60), || proc
+            .log_text()
+            .contains("No space left on device")),
+        "it never reported the full disk; its log ends:\n{}",
+        proc.log_tail(40)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        proc.is_running(),
+        "it died of a full disk; its log ends:\n{}",
+        proc.log_tail(40)
+    );
+}
+
+/// Waits until the store holds `published` records after space returned,
+/// with the log of the process whose disk was full if it never does.
+fn all_stored_after_space_returned(fleet: &Fleet, published: u64, full: &edgefleet_tests::Proc) {
+    assert!(
+        wait_until(DRAIN, || fleet.stored() >= published),
+        "stored {} of {published} after space returned; the log ends:\n{}",
+        fleet.stored(),
+        full.log_tail(40)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+}
+
 /// Stops the ingest gracefully and reads back everything it stored.
 fn final_delivery(
     fleet: &mut Fleet,
@@ -213,30 +243,12 @@ fn the_ingest_store_running_out_of_disk_loses_and_duplicates_nothing_once_space_
     let publisher = fleet
         .publish_with_noise(devices, messages, 3000, 0, 200)
         .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || fleet
-            .ingest_log()
-            .contains("No space left on device")),
-        "the ingest never reported the full disk; its log:\n{}",
-        fleet.ingest_log()
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        fleet.ingest.as_mut().unwrap().is_running(),
-        "the ingest died of a full disk; its log:\n{}",
-        fleet.ingest_log()
-    );
+    outlives_a_full_disk(fleet.ingest.as_mut().unwrap());
     let stored_while_full = fleet.stored();
     assert!(stored_while_full < u64::from(devices) * messages);
     disk.free().unwrap();
     let published = publisher.wait(Duration::from_secs(120)).unwrap();
-    assert!(
-        wait_until(DRAIN, || fleet.stored() >= published),
-        "stored {} of {published} after space returned; the ingest's log ends:\n{}",
-        fleet.stored(),
-        fleet.ingest.as_ref().unwrap().log_tail(40)
-    );
-    std::thread::sleep(Duration::from_secs(1));
+    all_stored_after_space_returned(&fleet, published, fleet.ingest.as_ref().unwrap());
     let d = final_delivery(&mut fleet, devices, messages, |_| false);
     assert_eq!(
         (d.stored, d.duplicates, d.lost, d.out_of_order),
@@ -259,29 +271,11 @@ fn the_agent_buffer_running_out_of_disk_leaves_messages_with_the_broker_and_lose
     let publisher = fleet
         .publish_with_noise(devices, messages, 3000, 0, 200)
         .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || proc
-            .log_text()
-            .contains("No space left on device")),
-        "the agent never reported the full disk; its log ends:\n{}",
-        proc.log_tail(40)
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        proc.is_running(),
-        "the agent died of a full disk; its log ends:\n{}",
-        proc.log_tail(40)
-    );
+    outlives_a_full_disk(&mut proc);
     disk.free().unwrap();
     fleet.start_ingest().unwrap();
     let published = publisher.wait(Duration::from_secs(120)).unwrap();
-    assert!(
-        wait_until(DRAIN, || fleet.stored() >= published),
-        "stored {} of {published} after space returned; the agent's log ends:\n{}",
-        fleet.stored(),
-        proc.log_tail(40)
-    );
-    std::thread::sleep(Duration::from_secs(1));
+    all_stored_after_space_returned(&fleet, published, &proc);
     let d = final_delivery(&mut fleet, devices, messages, |_| false);
     // Order is not asserted: the source has several appends in flight, and
     // when one fails, one behind it may already be stored while the failed
