@@ -159,8 +159,10 @@ impl EmbeddedStore {
             })
     }
 
-    /// Marks the store for reopening after `error` from a write or a sync.
-    fn failed_write(&self, error: SinkError) -> SinkError {
+    /// Marks the store for reopening after `source` failed a write or a
+    /// sync, and returns it as the caller's error.
+    fn failed_write(&self, source: sled::Error) -> SinkError {
+        let error = self.io(source);
         if !self.broken.swap(true, Ordering::AcqRel) {
             tracing::error!(store = %self.path.display(), %error, "a store write failed; the store will be reopened from what is on disk");
         }
@@ -216,14 +218,10 @@ impl EmbeddedStore {
 
 impl Opened {
     fn open(dir: &Path) -> Result<Self, SinkError> {
-        let unfinished =
-            edgefleet_sled_sync::remove_unfinished_snapshots(dir).map_err(|e| SinkError::Open {
-                path: dir.to_path_buf(),
-                source: sled::Error::Io(e),
-            })?;
-        for file in unfinished {
-            tracing::warn!(file = %file.display(), "deleted a snapshot sled did not finish writing (a full disk?)");
-        }
+        edgefleet_sled_sync::remove_unfinished_snapshots(dir).map_err(|e| SinkError::Open {
+            path: dir.to_path_buf(),
+            source: sled::Error::Io(e),
+        })?;
         // Commits flush explicitly; sled's periodic flusher would only add a
         // thread that keeps the store open a little past drop.
         let db = sled::Config::new()
@@ -276,14 +274,11 @@ impl EmbeddedStore {
     /// list sled's blob files while another writer may be writing one.
     fn flush_locked(&self) -> Result<(), SinkError> {
         let opened = self.opened_locked()?;
-        opened
-            .db
-            .flush()
-            .map_err(|e| self.failed_write(self.io(e)))?;
+        opened.db.flush().map_err(|e| self.failed_write(e))?;
         opened
             .disk
             .sync()
-            .map_err(|e| self.failed_write(self.io(sled::Error::Io(e))))
+            .map_err(|e| self.failed_write(sled::Error::Io(e)))
     }
 
     /// When each record was committed: `(ingest_ns, agent, seq)` in commit
@@ -391,8 +386,7 @@ impl EmbeddedStore {
                 batch.insert(agent_key(COUNT, agent), &count.to_be_bytes());
             }
             batch.insert(META_BYTES, &total.to_be_bytes());
-            tree.apply_batch(batch)
-                .map_err(|e| self.failed_write(self.io(e)))?;
+            tree.apply_batch(batch).map_err(|e| self.failed_write(e))?;
             if exhausted {
                 break;
             }
@@ -552,8 +546,7 @@ impl Sink for EmbeddedStore {
             batch.insert(agent_key(COUNT, agent), &count.to_be_bytes());
         }
         batch.insert(META_BYTES, &total.to_be_bytes());
-        tree.apply_batch(batch)
-            .map_err(|e| self.failed_write(self.io(e)))?;
+        tree.apply_batch(batch).map_err(|e| self.failed_write(e))?;
         self.flush_locked()
     }
 }

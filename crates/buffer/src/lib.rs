@@ -628,7 +628,7 @@ impl Buffer {
 /// Reads the dead letters of a buffer that is not open (for the CLI).
 pub fn read_dead_letters(data_dir: &Path) -> Result<Vec<DeadLetter>, BufferError> {
     let dir = data_dir.join("buffer");
-    open::remove_unfinished_snapshots(&dir).map_err(|e| BufferError::Storage {
+    edgefleet_sled_sync::remove_unfinished_snapshots(&dir).map_err(|e| BufferError::Storage {
         dir: dir.clone(),
         source: sled::Error::Io(e),
     })?;

@@ -121,16 +121,6 @@ fn quarantine(options: &BufferOptions, dir: &Path) -> Result<PathBuf, BufferErro
     Ok(target)
 }
 
-/// What a full disk leaves behind and sled would take for corruption (see
-/// `edgefleet_sled_sync::remove_unfinished_snapshots`): without this, the
-/// buffer would be quarantined, its backlog with it.
-pub(crate) fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
-    for file in edgefleet_sled_sync::remove_unfinished_snapshots(dir)? {
-        tracing::warn!(file = %file.display(), "deleted a snapshot sled did not finish writing (a full disk?)");
-    }
-    Ok(())
-}
-
 fn sled_config(dir: &Path) -> sled::Config {
     sled::Config::new()
         .path(dir)
@@ -185,7 +175,10 @@ fn classify(dir: &Path, err: sled::Error) -> OpenFailure {
 }
 
 fn try_open(dir: &Path) -> Result<(sled::Db, Levels, bool), OpenFailure> {
-    remove_unfinished_snapshots(dir).map_err(|e| classify(dir, sled::Error::Io(e)))?;
+    // What a full disk leaves behind would otherwise read as corruption and
+    // quarantine the buffer with its backlog.
+    edgefleet_sled_sync::remove_unfinished_snapshots(dir)
+        .map_err(|e| classify(dir, sled::Error::Io(e)))?;
     let db = sled_config(dir).open().map_err(|e| classify(dir, e))?;
     let meta = |key: &[u8]| -> Result<Option<u64>, OpenFailure> {
         match db.get(key).map_err(|e| classify(dir, e))? {

@@ -101,7 +101,8 @@ impl DiskSync {
 /// listing of snapshots skips only an older suffix: the next open reads the
 /// fragment as the newest snapshot and refuses the whole database as
 /// corrupt, although its log is intact. A snapshot only saves replaying the
-/// log, so an unfinished one is nothing to keep. Returns what it deleted.
+/// log, so an unfinished one is nothing to keep. Each deletion is logged as
+/// a warning; returns what it deleted.
 pub fn remove_unfinished_snapshots(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(dir) {
@@ -117,6 +118,7 @@ pub fn remove_unfinished_snapshots(dir: &Path) -> io::Result<Vec<PathBuf>> {
             .is_some_and(|name| name.starts_with("snap.") && name.ends_with(".generating"));
         if unfinished {
             std::fs::remove_file(&path)?;
+            tracing::warn!(file = %path.display(), "deleted a snapshot sled did not finish writing (a full disk?)");
             removed.push(path);
         }
     }
@@ -212,6 +214,9 @@ pub fn unsynced_files(dir: &Path) -> io::Result<Unsynced> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::io::Write;
+
     #[test]
     fn an_unfinished_snapshot_no_longer_makes_sled_refuse_its_database() {
         let dir = tempfile::tempdir().unwrap();
@@ -230,17 +235,12 @@ mod tests {
              newer sled does not, this workaround can go"
         );
         drop(refused);
-        let removed = super::remove_unfinished_snapshots(dir.path()).unwrap();
+        let removed = remove_unfinished_snapshots(dir.path()).unwrap();
         assert_eq!(removed.len(), 1);
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         assert_eq!(db.get(b"kept").unwrap().as_deref(), Some(&b"value"[..]));
-        assert!(super::remove_unfinished_snapshots(dir.path())
-            .unwrap()
-            .is_empty());
+        assert!(remove_unfinished_snapshots(dir.path()).unwrap().is_empty());
     }
-
-    use super::*;
-    use std::io::Write;
 
     #[test]
     fn a_blob_file_sled_left_dirty_is_on_disk_after_sync() {
