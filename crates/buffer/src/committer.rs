@@ -46,7 +46,8 @@ pub(crate) enum Op {
     DeadLetter(DeadLetter),
     Ack {
         through: u64,
-        reply: Reply<()>,
+        /// None for [`crate::Buffer::ack_soon`]: nobody waits for it.
+        reply: Option<Reply<()>>,
     },
     Anchor {
         stored_through: u64,
@@ -228,6 +229,9 @@ struct Group {
     /// Sequence numbers of the records in this group's segment.
     segment_first: u64,
     segment_records: u64,
+    /// Whether anything in the group has someone waiting for its commit
+    /// (everything but [`crate::Buffer::ack_soon`]).
+    awaited: bool,
 }
 
 impl Committer {
@@ -306,18 +310,28 @@ impl Committer {
                     self.process(op, &mut group);
                 }
             }
-            let deadline = Instant::now() + self.options.flush_max_delay;
+            let mut appends_deadline = None;
+            let acks_deadline = Instant::now() + self.options.ack_linger;
             while barrier.is_none()
                 && self.stalled.is_none()
                 && group.records < self.options.flush_max_records
             {
                 let next = match appends.try_recv() {
                     Ok(op) => op,
-                    Err(flume::TryRecvError::Empty) if group.appended > 0 => {
+                    // A group nobody waits for (acks from `ack_soon`)
+                    // waits for appends to join it rather than commit alone.
+                    Err(flume::TryRecvError::Empty) if group.appended > 0 || !group.awaited => {
+                        let until = if group.appended > 0 {
+                            *appends_deadline.get_or_insert_with(|| {
+                                Instant::now() + self.options.flush_max_delay
+                            })
+                        } else {
+                            acks_deadline
+                        };
                         match flume::Selector::new()
                             .recv(&control, |r| r)
                             .recv(&appends, |r| r)
-                            .wait_deadline(deadline)
+                            .wait_deadline(until)
                         {
                             Ok(Ok(op)) => op,
                             _ => break,
@@ -417,12 +431,15 @@ impl Committer {
     }
 
     fn process(&mut self, op: Op, group: &mut Group) {
+        if !matches!(op, Op::Ack { reply: None, .. }) {
+            group.awaited = true;
+        }
         match op {
             Op::Append { records, reply } => self.append(records, reply, group),
             Op::DeadLetter(letter) => group.dead.push(letter),
             Op::Ack { through, reply } => {
                 self.ack(through, group);
-                group.done.push(reply);
+                group.done.extend(reply);
             }
             Op::ReserveSent { last_seq, reply } => {
                 // The write joins the current group's fsync, so under load it

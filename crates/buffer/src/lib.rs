@@ -84,6 +84,11 @@ pub struct BufferOptions {
     pub flush_max_delay: Duration,
     /// Group commit: a group is written at once when it has this many records.
     pub flush_max_records: usize,
+    /// How long acks that nobody waits for ([`Buffer::ack_soon`]) wait for
+    /// appends to commit with, rather than make a commit of their own: each
+    /// commit rewrites the buffer's bookkeeping, and an uplink is acked a
+    /// few hundred times a second at full speed.
+    pub ack_linger: Duration,
     pub dead_letter_max: u32,
     /// Told how long each group commit that wrote to disk took.
     pub on_commit: Option<CommitObserver>,
@@ -111,6 +116,7 @@ impl BufferOptions {
             when_full: FullPolicy::Block,
             flush_max_delay: Duration::from_millis(2),
             flush_max_records: 50_000,
+            ack_linger: Duration::from_millis(20),
             dead_letter_max: 1000,
             on_commit: None,
         }
@@ -319,8 +325,11 @@ impl Buffer {
 
     /// Deletes every record up to `through`: the ingest has stored them.
     pub async fn ack(&self, through: u64) -> Result<(), BufferError> {
-        self.request(|reply| committer::Op::Ack { through, reply })
-            .await
+        self.request(|reply| committer::Op::Ack {
+            through,
+            reply: Some(reply),
+        })
+        .await
     }
 
     /// [`Buffer::ack`] without waiting for the commit that deletes the
@@ -329,10 +338,12 @@ impl Buffer {
     /// costs nothing, since the ingest's `stored_through` moves the cursor
     /// past those records at the next session.
     pub fn ack_soon(&self, through: u64) -> Result<(), BufferError> {
-        let (reply, _) = oneshot::channel();
         self.inner
             .control
-            .send(committer::Op::Ack { through, reply })
+            .send(committer::Op::Ack {
+                through,
+                reply: None,
+            })
             .map_err(|_| BufferError::Closed)
     }
 

@@ -559,6 +559,44 @@ async fn an_ack_handed_over_without_waiting_is_committed_in_order() {
     );
 }
 
+/// An ack nobody waits for joins the next group of appends instead of
+/// making a commit of its own, and is still applied when no append comes.
+#[tokio::test]
+async fn an_ack_nobody_waits_for_joins_the_next_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    // Longer than the test takes: the ack can only commit with the append.
+    opts.ack_linger = Duration::from_secs(30);
+    let (buffer, _) = Buffer::open(opts).unwrap();
+    let appended = append_groups(&buffer, 3).await;
+    buffer.before_send(appended).await.unwrap();
+    let commits = buffer.stats().commits_total;
+    buffer.ack_soon(20).unwrap();
+    // Time for the committer to take the ack alone (and, without the
+    // linger, commit it).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    append_groups(&buffer, 1).await;
+    let stats = buffer.stats();
+    assert_eq!(stats.commits_total, commits + 1, "{stats:?}");
+    assert_eq!((stats.records, stats.first_seq), (20, 21), "{stats:?}");
+    buffer.close().await.unwrap();
+    drop(buffer);
+
+    let mut opts = options(dir.path());
+    opts.ack_linger = Duration::from_millis(50);
+    let (buffer, _) = Buffer::open(opts).unwrap();
+    buffer.ack_soon(30).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while buffer.stats().first_seq != 31 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ack was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(buffer.stats().records, 10);
+}
+
 #[tokio::test]
 async fn an_anchor_renumbers_every_segment() {
     let dir = tempfile::tempdir().unwrap();
