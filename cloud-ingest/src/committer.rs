@@ -21,6 +21,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tracing::{debug, error};
 
+use edgefleet_proto::batch_zstd::KeptFrames;
+
 use crate::metrics::Metrics;
 use crate::sink::{AgentRecords, EncodedRecord, Sink};
 
@@ -50,6 +52,9 @@ pub enum CommitError {
 pub struct Submission {
     pub agent: Arc<str>,
     pub records: Vec<EncodedRecord>,
+    /// The agent's compressed frames of `records`, which the sink may store
+    /// as they are while none of the records is a duplicate.
+    pub kept: Option<KeptFrames>,
     /// Encoded size, for group sizing.
     pub bytes: usize,
     /// Set when one of this stream's batches fails: later batches of the
@@ -169,11 +174,14 @@ fn commit_group(sink: &dyn Sink, metrics: &Metrics, group: Vec<Submission>) {
             stored: fresh.len() as u32,
             duplicates: (total - fresh.len()) as u32,
         };
+        // The frames hold the duplicates too, so they are kept only without any.
+        let kept = s.kept.take().filter(|_| fresh.len() == total);
         if let Some(last) = fresh.last() {
             high.insert(s.agent.clone(), last.seq);
             writes.push(AgentRecords {
                 agent: s.agent.to_string(),
                 records: fresh,
+                kept,
             });
         }
         waiting.push((s, outcome));
@@ -267,12 +275,38 @@ mod tests {
         let s = Submission {
             agent: agent.into(),
             records,
+            kept: None,
             bytes: 10,
             failed: failed.clone(),
             permit: None,
             done,
         };
         (s, rx)
+    }
+
+    /// The agent's frames hold every record of the batch, so they reach the
+    /// sink only when none of those records is a duplicate.
+    #[test]
+    fn the_agents_frames_reach_the_sink_only_without_duplicates() {
+        let sink = Arc::new(MemorySink::default());
+        sink.high.lock().unwrap().insert("a".into(), 2);
+        let flag = Arc::new(AtomicBool::new(false));
+        let frames = |n| {
+            Some(KeptFrames {
+                frames: vec![(prost::bytes::Bytes::from_static(b"frame"), n)],
+            })
+        };
+        let (mut partly_stored, _r1) = submission("a", &[1, 2, 3, 4], &flag);
+        partly_stored.kept = frames(4);
+        let (mut fresh, _r2) = submission("a", &[5, 6], &flag);
+        fresh.kept = frames(2);
+        commit_group(sink.as_ref(), &Metrics::new(), vec![partly_stored, fresh]);
+        let commits = sink.commits.lock().unwrap();
+        let written = &commits[0];
+        assert_eq!(written.len(), 2);
+        assert_eq!(written[0].records.len(), 2);
+        assert_eq!(written[0].kept, None);
+        assert_eq!(written[1].kept, frames(2));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgefleet_proto::batch_zstd::{self, BatchDecompressor, BatchZstdError};
+use edgefleet_proto::batch_zstd::{self, BatchDecompressor, BatchZstdError, KeptFrames};
 use edgefleet_proto::encoded::telemetry_server::Telemetry;
 use edgefleet_proto::encoded::{
     check_record, AgentFrame as AgentMessage, AgentFrameKind as In, EncodedBatch,
@@ -486,7 +486,7 @@ impl Session {
 
     /// Validates a batch, waits for budget, and queues it for commit.
     async fn accept_batch(&mut self, batch: EncodedBatch) -> Result<(), (Reject, Status)> {
-        let batch = open_batch(
+        let (batch, kept) = open_batch(
             batch,
             self.shared.settings.max_message_bytes,
             &self.shared.metrics,
@@ -558,6 +558,7 @@ impl Session {
         self.shared.committer.submit(Submission {
             agent: self.agent.clone(),
             records,
+            kept,
             bytes,
             failed: self.failed.clone(),
             permit: Some(permit),
@@ -753,14 +754,15 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// The batch with its records decompressed when the agent compressed them.
+/// The batch with its records decompressed when the agent compressed them,
+/// and the agent's frames when the store may keep them.
 fn open_batch(
     batch: EncodedBatch,
     limit: usize,
     metrics: &Metrics,
-) -> Result<EncodedBatch, (Reject, Status)> {
+) -> Result<(EncodedBatch, Option<KeptFrames>), (Reject, Status)> {
     if batch.records_zstd.is_empty() {
-        return Ok(batch);
+        return Ok((batch, None));
     }
     metrics.batches_compressed.inc();
     DECOMPRESSOR.with_borrow_mut(|slot| {
@@ -773,15 +775,17 @@ fn open_batch(
                 )
             })?),
         };
-        decompressor.open(batch, limit).map_err(|e| match e {
-            BatchZstdError::TooLarge { .. } => (
-                Reject::MessageTooLarge,
-                Status::resource_exhausted(e.to_string()),
-            ),
-            e => (
-                Reject::MalformedRecord,
-                Status::invalid_argument(e.to_string()),
-            ),
-        })
+        decompressor
+            .open_keeping_frames(batch, limit)
+            .map_err(|e| match e {
+                BatchZstdError::TooLarge { .. } => (
+                    Reject::MessageTooLarge,
+                    Status::resource_exhausted(e.to_string()),
+                ),
+                e => (
+                    Reject::MalformedRecord,
+                    Status::invalid_argument(e.to_string()),
+                ),
+            })
     })
 }

@@ -23,6 +23,14 @@ pub const ENCODING: &str = "zstd";
 /// batches of a few hundred KiB that we know of.
 const LEVEL: i32 = 3;
 
+/// A batch is compressed as concatenated frames (which any zstd decoder
+/// reads as one), each of whole records and at most this much encoding
+/// (unless one record is larger). Telemetry shrinks six- to tenfold, so a
+/// frame comes to a few KiB: a size the ingest's store keeps as one value
+/// in sled's log, without compressing the records again. Telemetry repeats
+/// itself within a few KiB, so the ratio stays close to one frame's.
+pub const FRAME_PLAIN_BYTES: usize = 32 * 1024;
+
 /// What is wrong with a batch's `records_zstd`.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchZstdError {
@@ -71,10 +79,20 @@ impl BatchCompressor {
         self.plain.clear();
         // Encoding into a Vec grows it as needed and cannot fail.
         let _ = batch.encode(&mut self.plain);
-        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(self.plain.len()));
-        context
-            .compress_to_buffer(&self.plain, &mut out)
-            .map_err(BatchZstdError::Compress)?;
+        // One frame per run of whole records, so the ingest can store each
+        // frame as it came ([`KeptFrames`]).
+        let mut out = Vec::new();
+        let mut run_start = 0;
+        let mut run_end = 0;
+        for record in &batch.records {
+            let len = 1 + prost::encoding::encoded_len_varint(record.len() as u64) + record.len();
+            if run_end > run_start && run_end + len - run_start > FRAME_PLAIN_BYTES {
+                compress_frame(context, &self.plain[run_start..run_end], &mut out)?;
+                run_start = run_end;
+            }
+            run_end += len;
+        }
+        compress_frame(context, &self.plain[run_start..run_end], &mut out)?;
         Ok(EncodedBatch {
             records: Vec::new(),
             records_zstd: Bytes::from(out),
@@ -87,6 +105,21 @@ impl BatchCompressor {
         self.context = None;
         self.plain = Vec::new();
     }
+}
+
+/// Appends one zstd frame of `plain` to `out`.
+fn compress_frame(
+    context: &mut zstd::bulk::Compressor<'static>,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), BatchZstdError> {
+    let start = out.len();
+    out.resize(start + zstd::zstd_safe::compress_bound(plain.len()), 0);
+    let len = context
+        .compress_to_buffer(plain, &mut out[start..])
+        .map_err(BatchZstdError::Compress)?;
+    out.truncate(start + len);
+    Ok(())
 }
 
 /// The ingest's side: opens a batch sent either way.
@@ -108,14 +141,26 @@ impl BatchDecompressor {
         batch: EncodedBatch,
         limit: usize,
     ) -> Result<EncodedBatch, BatchZstdError> {
+        self.open_keeping_frames(batch, limit)
+            .map(|opened| opened.0)
+    }
+
+    /// [`BatchDecompressor::open`], and the agent's frames too when a store
+    /// may keep them as they are ([`KeptFrames`]): compressing the records
+    /// again would cost the ingest as much CPU as the agent spent on them.
+    pub fn open_keeping_frames(
+        &mut self,
+        batch: EncodedBatch,
+        limit: usize,
+    ) -> Result<(EncodedBatch, Option<KeptFrames>), BatchZstdError> {
         if batch.records_zstd.is_empty() {
-            return Ok(batch);
+            return Ok((batch, None));
         }
         if !batch.records.is_empty() {
             return Err(BatchZstdError::Both);
         }
-        // Refuse by the size the frame declares before allocating for it.
-        if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(&batch.records_zstd) {
+        // Refuse by the sizes the frames declare before allocating for them.
+        if let Some(size) = declared_size(&batch.records_zstd) {
             if size > limit as u64 {
                 return Err(BatchZstdError::TooLarge { size, limit });
             }
@@ -124,12 +169,111 @@ impl BatchDecompressor {
             .context
             .decompress(&batch.records_zstd, limit)
             .map_err(BatchZstdError::Zstd)?;
+        let plain_len = plain.len();
         let inner = EncodedBatch::decode(Bytes::from(plain))?;
         if !inner.records_zstd.is_empty() {
             return Err(BatchZstdError::Nested);
         }
-        Ok(inner)
+        let kept = KeptFrames::check(&batch.records_zstd, plain_len, &inner.records);
+        Ok((inner, kept))
     }
+}
+
+/// What the frames of `all` declare they decompress to, together; None
+/// when one declares nothing or the framing is damaged (decompressing
+/// then finds out, within its limit).
+fn declared_size(all: &[u8]) -> Option<u64> {
+    let mut rest = all;
+    let mut total = 0u64;
+    while !rest.is_empty() {
+        let len = zstd::zstd_safe::find_frame_compressed_size(rest).ok()?;
+        total = total.checked_add(zstd::zstd_safe::get_frame_content_size(&rest[..len]).ok()??)?;
+        rest = &rest[len..];
+    }
+    Some(total)
+}
+
+/// A batch's `records_zstd`, split into its frames, each of which reads
+/// back, with [`crate::stored_zstd::decompress_into`] and
+/// [`frame_records`], to exactly the run of records it holds. Kept only
+/// when every frame declares its decompressed size, ends at a record's end,
+/// and the whole holds nothing but `records` in their canonical encoding;
+/// other frames (from another encoder: without their size, a record across
+/// two frames, a skippable frame, unknown fields) are simply not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptFrames {
+    /// Each frame and the number of records in it, in order.
+    pub frames: Vec<(Bytes, usize)>,
+}
+
+impl KeptFrames {
+    fn check(all: &Bytes, plain_len: usize, records: &[Bytes]) -> Option<Self> {
+        let canonical =
+            |r: &Bytes| 1 + prost::encoding::encoded_len_varint(r.len() as u64) + r.len();
+        // Each record took at least its key byte, its length's shortest
+        // varint and itself; only when that adds up to every byte was there
+        // nothing else and nothing encoded the long way.
+        if records.iter().map(canonical).sum::<usize>() != plain_len {
+            return None;
+        }
+        let mut frames = Vec::new();
+        let mut rest = &all[..];
+        let mut records = records.iter();
+        while !rest.is_empty() {
+            let len = zstd::zstd_safe::find_frame_compressed_size(rest).ok()?;
+            let declared = zstd::zstd_safe::get_frame_content_size(&rest[..len]).ok()??;
+            let (mut content, mut count) = (0u64, 0);
+            while content < declared {
+                content += canonical(records.next()?) as u64;
+                count += 1;
+            }
+            if content != declared || count == 0 {
+                return None; // A record runs across frames, or an empty frame.
+            }
+            let offset = all.len() - rest.len();
+            frames.push((all.slice(offset..offset + len), count));
+            rest = &rest[len..];
+        }
+        Some(KeptFrames { frames })
+    }
+}
+
+/// What is wrong with the decompressed content of a kept frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("byte {offset} of a stored batch: {reason}")]
+pub struct FrameContentError {
+    pub offset: usize,
+    pub reason: &'static str,
+}
+
+/// The encoded records in the decompressed content of one of [`KeptFrames`].
+pub fn frame_records(
+    content: &[u8],
+) -> impl Iterator<Item = Result<&[u8], FrameContentError>> + '_ {
+    let mut rest = content;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || rest.is_empty() {
+            return None;
+        }
+        let offset = content.len() - rest.len();
+        let mut fail = |reason| {
+            failed = true;
+            Some(Err(FrameContentError { offset, reason }))
+        };
+        // Field 1, length-delimited: `RecordBatch.records`.
+        if rest[0] != 0x0A {
+            return fail("not a RecordBatch.records entry");
+        }
+        rest = &rest[1..];
+        let len = match prost::encoding::decode_varint(&mut rest) {
+            Ok(len) if len <= rest.len() as u64 => len as usize,
+            _ => return fail("record length runs past the end"),
+        };
+        let (record, tail) = rest.split_at(len);
+        rest = tail;
+        Some(Ok(record))
+    })
 }
 
 #[cfg(test)]
@@ -191,12 +335,127 @@ mod tests {
         assert_eq!(opened, plain);
     }
 
+    /// The agent's frames, each a run of whole records, are kept with
+    /// their counts, and each reads back to exactly its run.
+    #[test]
+    fn a_batch_is_sent_as_frames_of_whole_records_each_of_which_reads_back() {
+        let plain = batch(4000);
+        let sent = BatchCompressor::default().compress(plain.clone()).unwrap();
+        let (opened, kept) = BatchDecompressor::new()
+            .unwrap()
+            .open_keeping_frames(sent.clone(), 16 << 20)
+            .unwrap();
+        assert_eq!(opened, plain);
+        let kept = kept.expect("frames kept");
+        assert!(kept.frames.len() > 1, "{} frames", kept.frames.len());
+        let joined: Vec<u8> = kept.frames.iter().flat_map(|(f, _)| f.to_vec()).collect();
+        assert_eq!(joined, sent.records_zstd.to_vec());
+        let mut records = plain.records.iter();
+        let mut content = Vec::new();
+        for (frame, count) in &kept.frames {
+            crate::stored_zstd::decompress_into(frame, &mut content).unwrap();
+            assert!(content.len() <= FRAME_PLAIN_BYTES);
+            let run: Vec<&[u8]> = frame_records(&content).map(Result::unwrap).collect();
+            assert_eq!(run.len(), *count);
+            for record in run {
+                assert_eq!(record, &records.next().unwrap()[..]);
+            }
+        }
+        assert!(records.next().is_none());
+    }
+
+    /// Frames a store could not read back record by record are not kept;
+    /// the batch still opens.
+    #[test]
+    fn frames_that_do_not_read_back_record_by_record_are_not_kept() {
+        let plain = batch(500);
+        let encoded = plain.encode_to_vec();
+        let mut with_unknown_field = encoded.clone();
+        with_unknown_field.extend_from_slice(&[0x18, 0x01]); // field 3 = 1
+        let cut = encoded.len() / 2; // inside a record
+        let no_size = {
+            use std::io::Write;
+            let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+            encoder.include_contentsize(false).unwrap();
+            encoder.write_all(&encoded).unwrap();
+            encoder.finish().unwrap()
+        };
+        let mut skippable = vec![0x50, 0x2A, 0x4D, 0x18, 2, 0, 0, 0, 7, 7];
+        skippable.extend(zstd::bulk::compress(&encoded, 3).unwrap());
+        let cases = [
+            ("no declared size", no_size),
+            (
+                "a record across two frames",
+                [
+                    zstd::bulk::compress(&encoded[..cut], 3).unwrap(),
+                    zstd::bulk::compress(&encoded[cut..], 3).unwrap(),
+                ]
+                .concat(),
+            ),
+            (
+                "an unknown field",
+                zstd::bulk::compress(&with_unknown_field, 3).unwrap(),
+            ),
+            ("a skippable frame", skippable),
+        ];
+        let mut decompressor = BatchDecompressor::new().unwrap();
+        for (case, frames) in cases {
+            let (opened, kept) = decompressor
+                .open_keeping_frames(
+                    EncodedBatch {
+                        records: Vec::new(),
+                        records_zstd: frames.into(),
+                    },
+                    1 << 20,
+                )
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(opened.records, plain.records, "{case}");
+            assert!(kept.is_none(), "{case}: kept");
+        }
+        // One frame over the whole batch, as another encoder may send it,
+        // is kept as one run.
+        let (_, kept) = decompressor
+            .open_keeping_frames(
+                EncodedBatch {
+                    records: Vec::new(),
+                    records_zstd: zstd::bulk::compress(&encoded, 3).unwrap().into(),
+                },
+                1 << 20,
+            )
+            .unwrap();
+        assert_eq!(kept.unwrap().frames[0].1, 500);
+    }
+
+    #[test]
+    fn the_records_of_a_damaged_frame_content_end_in_an_error_naming_the_byte() {
+        let plain = batch(3);
+        let encoded = plain.encode_to_vec();
+        let good: Vec<&[u8]> = frame_records(&encoded).map(Result::unwrap).collect();
+        assert_eq!(good.len(), 3);
+        let first = 2 + plain.records[0].len();
+        let mut wrong_field = encoded.clone();
+        wrong_field[first] = 0x12;
+        let got: Vec<_> = frame_records(&wrong_field).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[1],
+            Err(FrameContentError {
+                offset: first,
+                reason: "not a RecordBatch.records entry"
+            })
+        );
+        let cut = &encoded[..encoded.len() - 1];
+        assert!(frame_records(cut).last().unwrap().is_err());
+    }
+
     #[test]
     fn bad_compressed_batches_are_refused_with_the_reason() {
         let mut compressor = BatchCompressor::default();
         let mut decompressor = BatchDecompressor::new().unwrap();
-        let plain = batch(500);
+        // Several frames: the limit applies to what they declare together.
+        let plain = batch(2000);
         let sent = compressor.compress(plain.clone()).unwrap();
+        assert!(declared_size(&sent.records_zstd[..sent.records_zstd.len() / 2]).is_none());
 
         let limit = plain.encoded_len() - 1;
         let err = decompressor.open(sent.clone(), limit).unwrap_err();

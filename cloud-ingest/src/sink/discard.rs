@@ -46,6 +46,7 @@ mod tests {
         sink.commit(&[AgentRecords {
             agent: "a".into(),
             records: vec![rec(1), rec(2)],
+            kept: None,
         }])
         .unwrap();
         assert_eq!(sink.stored_through("a").unwrap(), 2);

@@ -13,16 +13,25 @@
 //! | `M` `bytes`                             | bytes of all stored records   |
 //! | `R` agent 0x00 seq(u64 BE)              | one encoded `Record` (stores written before blocks; read, never written) |
 //!
-//! A block is [`BLOCK_FORMAT`] followed by `(varint length, encoded Record)*`,
-//! each record exactly as the agent sent it (with its `seq`), or
-//! [`BLOCK_FORMAT_ZSTD`] followed by one zstd frame of that body, when that
-//! is smaller: telemetry repeats its names and shrinks about sixfold, and
-//! sled writes and copies every value's bytes several times over (leaf
-//! rewrites and splits), so fewer bytes per block is less disk and less
-//! CPU per record (BENCHMARKS.md, "Compressed segments"). One sled value
-//! per agent per commit instead of two entries per record is what lets the
-//! store keep up with the network: sled copies a leaf on every insert, so
-//! its cost grows with the number of keys written, not their size.
+//! A block's value is one of:
+//!
+//! - [`BLOCK_FORMAT`] followed by `(varint length, encoded Record)*`, each
+//!   record exactly as the agent sent it (with its `seq`);
+//! - [`BLOCK_FORMAT_ZSTD`] followed by one zstd frame of that body, when
+//!   that is smaller: telemetry repeats its names and shrinks about
+//!   sixfold, and sled writes and copies every value's bytes several times
+//!   over (leaf rewrites and splits), so fewer bytes per block is less disk
+//!   and less CPU per record (BENCHMARKS.md, "Compressed segments");
+//! - [`BLOCK_FORMAT_BATCH_ZSTD`] followed by the agent's own compressed
+//!   frame of a whole batch (`RecordBatch.records_zstd`, checked to read
+//!   back to exactly its records: `edgefleet_proto::batch_zstd::KeptFrame`),
+//!   when none of the batch's records was a duplicate. Compressing the
+//!   records again would cost the ingest as much CPU as the agent spent.
+//!
+//! One sled value per agent per commit (or per batch) instead of two
+//! entries per record is what lets the store keep up with the network:
+//! sled copies a leaf on every insert, so its cost grows with the number of
+//! keys written, not their size.
 //!
 //! Agent ids contain no 0x00 (see `edgefleet_pki::check_agent_id`), so `B`
 //! keys sort by agent, then seq; `T` keys sort oldest ingest first, which is
@@ -39,10 +48,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use edgefleet_proto::batch_zstd::frame_records;
 use edgefleet_proto::encoded::check_record;
 use edgefleet_proto::stored_zstd::{decompress_into, StoredCompressor};
 use edgefleet_proto::Record;
 use edgefleet_sled_sync::DiskSync;
+use prost::bytes::Bytes;
 use prost::Message;
 
 use super::{AgentRecords, EncodedRecord, Sink, SinkError};
@@ -52,6 +63,7 @@ use crate::query::{AgentStats, Query, RecordSource, Stats};
 const BLOCK: u8 = b'B';
 const BLOCK_FORMAT: u8 = 1;
 const BLOCK_FORMAT_ZSTD: u8 = 2;
+const BLOCK_FORMAT_BATCH_ZSTD: u8 = 3;
 const LEGACY_RECORD: u8 = b'R';
 const BY_TIME: u8 = b'T';
 const HIGH_WATER: u8 = b'H';
@@ -405,53 +417,57 @@ impl EmbeddedStore {
         scratch: &'v mut Vec<u8>,
         agent: &str,
         first_seq: u64,
-    ) -> impl Iterator<Item = Result<&'v [u8], SinkError>> + 'v {
+    ) -> Box<dyn Iterator<Item = Result<&'v [u8], SinkError>> + 'v> {
         let what = format!("block agent={agent} first seq={first_seq}");
-        let mut rest: &'v [u8] = &[];
-        let mut failed = false;
-        let header = match value.first() {
-            Some(&BLOCK_FORMAT) => {
-                rest = &value[1..];
-                None
-            }
-            Some(&BLOCK_FORMAT_ZSTD) => match decompress_into(&value[1..], scratch) {
-                Ok(()) => {
-                    rest = scratch;
-                    None
-                }
-                Err(e) => Some(self.corrupt(what.clone(), format!("compressed block: {e}"))),
-            },
-            other => Some(self.corrupt(
-                what.clone(),
-                format!(
-                    "unknown block format {other:?} (expected {BLOCK_FORMAT} or {BLOCK_FORMAT_ZSTD})"
-                ),
-            )),
-        };
         let path = self.path.clone();
-        header
-            .map(Err)
-            .into_iter()
-            .chain(std::iter::from_fn(move || {
-                if failed || rest.is_empty() {
-                    return None;
+        let corrupt = move |reason: String| SinkError::Corrupt {
+            path: path.clone(),
+            what: what.clone(),
+            reason,
+        };
+        let format = value.first().copied();
+        let body: &'v [u8] = match format {
+            Some(BLOCK_FORMAT) => &value[1..],
+            Some(BLOCK_FORMAT_ZSTD | BLOCK_FORMAT_BATCH_ZSTD) => {
+                if let Err(e) = decompress_into(&value[1..], scratch) {
+                    let e = corrupt(format!("compressed block: {e}"));
+                    return Box::new(std::iter::once(Err(e)));
                 }
-                let framing = |reason: &str| SinkError::Corrupt {
-                    path: path.clone(),
-                    what: what.clone(),
-                    reason: reason.to_string(),
-                };
-                let len = match prost::encoding::decode_varint(&mut rest) {
-                    Ok(len) if len <= rest.len() as u64 => len as usize,
-                    _ => {
-                        failed = true;
-                        return Some(Err(framing("record length runs past the end of the block")));
-                    }
-                };
-                let (record, tail) = rest.split_at(len);
-                rest = tail;
-                Some(Ok(record))
-            }))
+                let scratch: &'v Vec<u8> = scratch;
+                scratch
+            }
+            other => {
+                let e = corrupt(format!(
+                    "unknown block format {other:?} (expected {BLOCK_FORMAT}, {BLOCK_FORMAT_ZSTD} or {BLOCK_FORMAT_BATCH_ZSTD})"
+                ));
+                return Box::new(std::iter::once(Err(e)));
+            }
+        };
+        if format == Some(BLOCK_FORMAT_BATCH_ZSTD) {
+            return Box::new(
+                frame_records(body)
+                    .map(move |record| record.map_err(|e| corrupt(format!("agent's frame: {e}")))),
+            );
+        }
+        let mut rest = body;
+        let mut failed = false;
+        Box::new(std::iter::from_fn(move || {
+            if failed || rest.is_empty() {
+                return None;
+            }
+            let len = match prost::encoding::decode_varint(&mut rest) {
+                Ok(len) if len <= rest.len() as u64 => len as usize,
+                _ => {
+                    failed = true;
+                    return Some(Err(corrupt(
+                        "record length runs past the end of the block".into(),
+                    )));
+                }
+            };
+            let (record, tail) = rest.split_at(len);
+            rest = tail;
+            Some(Ok(record))
+        }))
     }
 
     fn read_u64(&self, tree: &sled::Tree, key: &[u8]) -> Result<u64, SinkError> {
@@ -513,7 +529,12 @@ impl Sink for EmbeddedStore {
         // Per agent: (high-water mark, record count), read once per commit.
         let mut agents: HashMap<&str, (u64, u64)> = HashMap::new();
         let mut batch = sled::Batch::default();
-        for AgentRecords { agent, records } in batches {
+        for AgentRecords {
+            agent,
+            records,
+            kept,
+        } in batches
+        {
             let state = match agents.entry(agent.as_str()) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
@@ -525,11 +546,10 @@ impl Sink for EmbeddedStore {
             let Some(last) = records.last() else {
                 continue;
             };
-            for (block, block_bytes) in blocks(records) {
-                let first = &block[0];
-                let value = packer.pack(block, block_bytes);
-                let key = agent_seq_key(BLOCK, agent, first.seq);
-                let time_key = time_key(ingest_ns, agent, first.seq);
+            let mut insert_block = |block: &[EncodedRecord], value: Vec<u8>| {
+                let first = block[0].seq;
+                let key = agent_seq_key(BLOCK, agent, first);
+                let time_key = time_key(ingest_ns, agent, first);
                 let size = (key.len() + value.len() + time_key.len() + 16) as u64;
                 let mut time_value = [0u8; 16];
                 time_value[..8].copy_from_slice(&size.to_be_bytes());
@@ -537,6 +557,30 @@ impl Sink for EmbeddedStore {
                 batch.insert(key, value);
                 batch.insert(time_key, &time_value[..]);
                 total += size;
+            };
+            // Runs of records with the agent's frame of each, or one run
+            // with none.
+            let whole = [(Bytes::new(), records.len())];
+            let runs = match kept {
+                Some(kept) if kept.frames.iter().map(|f| f.1).sum::<usize>() == records.len() => {
+                    &kept.frames[..]
+                }
+                _ => &whole[..],
+            };
+            let mut rest = &records[..];
+            for (frame, count) in runs {
+                let (run, after) = rest.split_at(*count);
+                rest = after;
+                if !frame.is_empty() && frame.len() <= KEPT_FRAME_MAX_BYTES {
+                    let mut value = Vec::with_capacity(1 + frame.len());
+                    value.push(BLOCK_FORMAT_BATCH_ZSTD);
+                    value.extend_from_slice(frame);
+                    insert_block(run, value);
+                } else {
+                    for (block, block_bytes) in blocks(run) {
+                        insert_block(block, packer.pack(block, block_bytes));
+                    }
+                }
             }
             state.0 = state.0.max(last.seq);
             state.1 += records.len() as u64;
@@ -558,6 +602,12 @@ impl Sink for EmbeddedStore {
 /// even a full leaf stays in the log. (A batch used to be one block of up
 /// to several hundred KiB.)
 const BLOCK_MAX_BYTES: usize = 7 * 1024;
+
+/// The largest agent's frame stored as it came, as one block: the same
+/// bound as [`BLOCK_MAX_BYTES`], on the stored bytes. The agent ends a frame
+/// every 32 KiB of records (`batch_zstd::FRAME_PLAIN_BYTES`), a few KiB
+/// compressed; a larger frame (records that barely compress) is repacked.
+const KEPT_FRAME_MAX_BYTES: usize = BLOCK_MAX_BYTES;
 
 /// Builds block values, compressed when that makes them smaller
 /// ([`edgefleet_proto::stored_zstd`]), with one zstd context and one body
@@ -808,18 +858,22 @@ mod tests {
                 AgentRecords {
                     agent: "b".into(),
                     records: vec![enc(1, "d1"), enc(2, "d2")],
+                    kept: None,
                 },
                 AgentRecords {
                     agent: "a".into(),
                     records: vec![enc(7, "d1")],
+                    kept: None,
                 },
                 AgentRecords {
                     agent: "a-long".into(),
                     records: vec![enc(3, "d1")],
+                    kept: None,
                 },
                 AgentRecords {
                     agent: "b".into(),
                     records: vec![enc(300, "d1")],
+                    kept: None,
                 },
             ])
             .unwrap();
@@ -865,6 +919,7 @@ mod tests {
             .commit(&[AgentRecords {
                 agent: "a".into(),
                 records: (1..=5_000).map(|seq| enc(seq, "device-0001")).collect(),
+                kept: None,
             }])
             .unwrap();
         let unsynced = edgefleet_sled_sync::unsynced_files(dir.path()).unwrap();
@@ -905,6 +960,7 @@ mod tests {
             .commit(&[AgentRecords {
                 agent: "a".into(),
                 records,
+                kept: None,
             }])
             .unwrap();
         let unsynced = edgefleet_sled_sync::unsynced_files(dir.path()).unwrap();
@@ -947,6 +1003,7 @@ mod tests {
             .commit(&[AgentRecords {
                 agent: "gw".into(),
                 records: vec![enc(1, "d")],
+                kept: None,
             }])
             .unwrap();
         store
@@ -971,6 +1028,7 @@ mod tests {
             .commit(&[AgentRecords {
                 agent: "gw".into(),
                 records: vec![enc(5, "d"), enc(6, "d")],
+                kept: None,
             }])
             .unwrap();
         let key = agent_seq_key(BLOCK, "gw", 5);
@@ -1003,6 +1061,7 @@ mod tests {
                 .commit(&[AgentRecords {
                     agent: "gw".into(),
                     records: records.clone(),
+                    kept: None,
                 }])
                 .unwrap();
             let blocks: Vec<_> = store
@@ -1036,6 +1095,151 @@ mod tests {
         assert_eq!(indexed, (1..=2_000).collect::<Vec<_>>());
     }
 
+    /// `n` records from `first` on, as an agent compresses them and the
+    /// session opens them: with the agent's frame kept.
+    fn kept_batch(agent: &str, first: u64, n: u64) -> AgentRecords {
+        use edgefleet_proto::batch_zstd::{BatchCompressor, BatchDecompressor};
+        use edgefleet_proto::encoded::EncodedBatch;
+        // Five signals per record, as the MQTT source makes of the JSON
+        // payloads of the `spine` benchmark: about 90 bytes each.
+        let records: Vec<EncodedRecord> = (first..first + n)
+            .map(|seq| {
+                let mut record = rec(seq, &format!("device-{:04}", seq % 100));
+                record.value = Some(record::Value::Signals(Signals {
+                    signals: vec![
+                        Signal::i64("n", seq as i64),
+                        Signal::f64("temp", 20.0 + (seq % 100) as f64 / 10.0),
+                        Signal::i64("rpm", 1200 + (seq % 400) as i64),
+                        Signal::bool("ok", seq % 7 != 0),
+                        Signal::str("mode", if seq % 100 < 50 { "eco" } else { "boost" }),
+                    ],
+                }));
+                EncodedRecord {
+                    seq,
+                    encoded: record.encode_to_vec().into(),
+                }
+            })
+            .collect();
+        let sent = BatchCompressor::default()
+            .compress(EncodedBatch {
+                records: records.iter().map(|r| r.encoded.clone()).collect(),
+                records_zstd: Default::default(),
+            })
+            .unwrap();
+        let (opened, kept) = BatchDecompressor::new()
+            .unwrap()
+            .open_keeping_frames(sent, 16 << 20)
+            .unwrap();
+        assert_eq!(opened.records.len() as u64, n);
+        assert!(kept.is_some(), "the frames of {n} records were not kept");
+        AgentRecords {
+            agent: agent.into(),
+            records,
+            kept,
+        }
+    }
+
+    /// The agent's frames are stored as they came, one block each, in
+    /// sled's log (no blob files), nothing of them left dirty in memory
+    /// after a commit; they read back to exactly the records.
+    #[test]
+    fn an_agents_frames_are_stored_as_they_came_and_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let batches: Vec<AgentRecords> = (0..30)
+            .map(|i| kept_batch("gw", 1 + i * 4_000, 4_000))
+            .collect();
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            for batch in batches.chunks(3) {
+                store.commit(batch).unwrap();
+                let unsynced = edgefleet_sled_sync::unsynced_files(dir.path()).unwrap();
+                assert!(unsynced.dirty.is_empty(), "dirty: {:?}", unsynced.dirty);
+            }
+            let blocks: Vec<_> = store
+                .tree()
+                .scan_prefix([BLOCK])
+                .map(|item| item.unwrap().1)
+                .collect();
+            let frames: Vec<&Bytes> = batches
+                .iter()
+                .flat_map(|b| &b.kept.as_ref().unwrap().frames)
+                .map(|(frame, _)| frame)
+                .collect();
+            assert!(frames.len() > batches.len(), "one frame per batch");
+            assert_eq!(blocks.len(), frames.len());
+            for (block, frame) in blocks.iter().zip(frames) {
+                assert_eq!(block[0], BLOCK_FORMAT_BATCH_ZSTD);
+                assert_eq!(&block[1..], &frame[..]);
+            }
+            let unsynced = edgefleet_sled_sync::unsynced_files(dir.path()).unwrap();
+            assert_eq!(unsynced.blob_files, 0, "sled wrote blob files");
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let mut read = Vec::new();
+        store
+            .query(&Query::default(), &mut |_, record| {
+                read.push(record);
+                true
+            })
+            .unwrap();
+        let want: Vec<Record> = batches
+            .iter()
+            .flat_map(|b| &b.records)
+            .map(|r| Record::decode(&r.encoded[..]).unwrap())
+            .collect();
+        assert_eq!(read, want);
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.total_records, 120_000);
+        assert_eq!(stats.agents["gw"].stored_through, 120_000);
+        let report = store
+            .enforce_retention(
+                &Retention {
+                    max_bytes: Some(1),
+                    ..Retention::default()
+                },
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert_eq!(report.deleted_records, 120_000);
+    }
+
+    /// A kept frame that is damaged on disk is an error naming its block.
+    #[test]
+    fn a_damaged_agents_frame_is_an_error_naming_its_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.commit(&[kept_batch("gw", 5, 500)]).unwrap();
+        let key = agent_seq_key(BLOCK, "gw", 5);
+        let good = store.tree().get(&key).unwrap().unwrap();
+        let mut content = Vec::new();
+        decompress_into(&good[1..], &mut content).unwrap();
+        let compressed = |body: &[u8]| {
+            let mut value = vec![BLOCK_FORMAT_BATCH_ZSTD];
+            assert!(StoredCompressor::default().compress_into(body, &mut value));
+            value
+        };
+        let mut not_records = content.clone();
+        not_records[0] = 0x12;
+        let mut cut = content.clone();
+        cut.truncate(content.len() - 3);
+        for (value, says) in [
+            (good[..good.len() / 2].to_vec(), "compressed block"),
+            (
+                compressed(&not_records),
+                "byte 0 of a stored batch: not a RecordBatch.records entry",
+            ),
+            (compressed(&cut), "record length runs past the end"),
+        ] {
+            store.tree().insert(&key, value).unwrap();
+            let err = store
+                .query(&Query::default(), &mut |_, _| true)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("block agent=gw first seq=5"), "{err}");
+            assert!(err.contains(says), "{err}");
+        }
+    }
+
     /// A compressed block that does not decompress is an error naming the
     /// block, never a panic or a wrong record.
     #[test]
@@ -1046,6 +1250,7 @@ mod tests {
             .commit(&[AgentRecords {
                 agent: "gw".into(),
                 records: (5..=100).map(|seq| enc(seq, "d")).collect(),
+                kept: None,
             }])
             .unwrap();
         let key = agent_seq_key(BLOCK, "gw", 5);
@@ -1103,6 +1308,7 @@ mod tests {
             .commit(&[AgentRecords {
                 agent: "gw".into(),
                 records: vec![enc(4, "new"), enc(5, "new")],
+                kept: None,
             }])
             .unwrap();
         let seqs = |store: &EmbeddedStore| -> Vec<u64> {
@@ -1145,6 +1351,7 @@ mod tests {
                 .commit(&[AgentRecords {
                     agent: "gw".into(),
                     records,
+                    kept: None,
                 }])
                 .unwrap();
         };
@@ -1184,6 +1391,7 @@ mod tests {
                 .commit(&[AgentRecords {
                     agent: "gw".into(),
                     records: vec![enc(seq, "d")],
+                    kept: None,
                 }])
                 .unwrap();
         }

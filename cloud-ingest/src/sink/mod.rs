@@ -10,6 +10,7 @@ pub mod embedded;
 
 use std::path::PathBuf;
 
+use edgefleet_proto::batch_zstd::KeptFrames;
 use prost::bytes::Bytes;
 
 pub use discard::DiscardSink;
@@ -30,6 +31,10 @@ pub struct EncodedRecord {
 pub struct AgentRecords {
     pub agent: String,
     pub records: Vec<EncodedRecord>,
+    /// The agent's compressed frames of exactly these records, when it sent
+    /// frames that read back to them ([`KeptFrames`]): a sink may store
+    /// them as they are instead of compressing `records` again.
+    pub kept: Option<KeptFrames>,
 }
 
 /// A durable destination for records.
