@@ -311,6 +311,10 @@ impl Committer {
                 }
             }
             let mut appends_deadline = None;
+            // When the group last grew: appends that belong together (every
+            // source's appends in flight) arrive within microseconds, so a
+            // pause of `flush_append_gap` means they are all in.
+            let mut last_growth = (group.appended, Instant::now());
             let acks_deadline = Instant::now() + self.options.ack_linger;
             while barrier.is_none()
                 && self.stalled.is_none()
@@ -322,9 +326,13 @@ impl Committer {
                     // waits for appends to join it rather than commit alone.
                     Err(flume::TryRecvError::Empty) if group.appended > 0 || !group.awaited => {
                         let until = if group.appended > 0 {
-                            *appends_deadline.get_or_insert_with(|| {
-                                Instant::now() + self.options.flush_max_delay
-                            })
+                            let now = Instant::now();
+                            if group.appended != last_growth.0 {
+                                last_growth = (group.appended, now);
+                            }
+                            let deadline = *appends_deadline
+                                .get_or_insert_with(|| now + self.options.flush_max_delay);
+                            deadline.min(last_growth.1 + self.options.flush_append_gap)
                         } else {
                             acks_deadline
                         };

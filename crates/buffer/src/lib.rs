@@ -82,6 +82,12 @@ pub struct BufferOptions {
     pub when_full: FullPolicy,
     /// Group commit: the longest an append waits for company before the fsync.
     pub flush_max_delay: Duration,
+    /// Group commit: the group is written as soon as no append joined it for
+    /// this long, even before `flush_max_delay`. A source's appends in
+    /// flight arrive within microseconds of each other; once all of them
+    /// are in, waiting on only delays every one of them (and the source,
+    /// which can send no more until they are acknowledged).
+    pub flush_append_gap: Duration,
     /// Group commit: a group is written at once when it has this many records.
     pub flush_max_records: usize,
     /// How long acks that nobody waits for ([`Buffer::ack_soon`]) wait for
@@ -115,6 +121,7 @@ impl BufferOptions {
             max_bytes: 1 << 30,
             when_full: FullPolicy::Block,
             flush_max_delay: Duration::from_millis(2),
+            flush_append_gap: Duration::from_micros(300),
             flush_max_records: 50_000,
             ack_linger: Duration::from_millis(20),
             dead_letter_max: 1000,

@@ -559,6 +559,29 @@ async fn an_ack_handed_over_without_waiting_is_committed_in_order() {
     );
 }
 
+/// Appends sent together share one commit, and the group is written once
+/// they stop coming, long before `flush_max_delay`.
+#[tokio::test]
+async fn a_group_is_written_once_its_appends_stop_coming() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.flush_max_delay = Duration::from_secs(60);
+    opts.flush_append_gap = Duration::from_millis(200);
+    let (buffer, _) = Buffer::open(opts).unwrap();
+    let commits = buffer.stats().commits_total;
+    let started = std::time::Instant::now();
+    let append = || buffer.append((0..10).map(|_| record("d", &noise(600))).collect());
+    let (a, b, c, d) = tokio::join!(append(), append(), append(), append());
+    for outcome in [a, b, c, d] {
+        assert_eq!(stored(&outcome.unwrap()).len(), 10);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the group waited for flush_max_delay"
+    );
+    assert_eq!(buffer.stats().commits_total, commits + 1);
+}
+
 /// An ack nobody waits for joins the next group of appends instead of
 /// making a commit of its own, and is still applied when no append comes.
 #[tokio::test]
