@@ -136,7 +136,11 @@ async fn batches_compressed_inside_the_message_are_stored_and_bad_ones_refused()
     assert_eq!((ack.acked_through, ack.stored), (600, 600));
 
     let (big, plain_len) = compressed(601..=2000);
-    assert!(big.encoded_len() < 64 * 1024 && plain_len > 64 * 1024, "{} {plain_len}", big.encoded_len());
+    assert!(
+        big.encoded_len() < 64 * 1024 && plain_len > 64 * 1024,
+        "{} {plain_len}",
+        big.encoded_len()
+    );
     stream.send(In::Batch(big)).await;
     let status = stream.expect_status().await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
