@@ -22,13 +22,14 @@
 //!   sixfold, and sled writes and copies every value's bytes several times
 //!   over (leaf rewrites and splits), so fewer bytes per block is less disk
 //!   and less CPU per record (BENCHMARKS.md, "Compressed segments");
-//! - [`BLOCK_FORMAT_BATCH_ZSTD`] followed by the agent's own compressed
-//!   frame of a whole batch (`RecordBatch.records_zstd`, checked to read
-//!   back to exactly its records: `edgefleet_proto::batch_zstd::KeptFrame`),
-//!   when none of the batch's records was a duplicate. Compressing the
-//!   records again would cost the ingest as much CPU as the agent spent.
+//! - [`BLOCK_FORMAT_BATCH_ZSTD`] followed by one of the agent's own
+//!   compressed frames of a batch (part of `RecordBatch.records_zstd`, a
+//!   run of whole records checked to read back to exactly those:
+//!   `edgefleet_proto::batch_zstd::KeptFrames`), when none of the batch's
+//!   records was a duplicate. Compressing the records again would cost the
+//!   ingest as much CPU as the agent spent.
 //!
-//! One sled value per agent per commit (or per batch) instead of two
+//! One sled value per agent per commit (or per agent's frame) instead of two
 //! entries per record is what lets the store keep up with the network:
 //! sled copies a leaf on every insert, so its cost grows with the number of
 //! keys written, not their size.
@@ -838,6 +839,23 @@ mod tests {
         }
     }
 
+    /// Every block's value, in key order.
+    fn stored_blocks(store: &EmbeddedStore) -> Vec<sled::IVec> {
+        store
+            .tree()
+            .scan_prefix([BLOCK])
+            .map(|item| item.unwrap().1)
+            .collect()
+    }
+
+    /// What reading every record fails with.
+    fn query_error(store: &EmbeddedStore) -> String {
+        store
+            .query(&Query::default(), &mut |_, _| true)
+            .unwrap_err()
+            .to_string()
+    }
+
     fn all(store: &EmbeddedStore, query: &Query) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         store
@@ -1013,10 +1031,7 @@ mod tests {
                 &[0xff, 0xff, 0xff][..],
             )
             .unwrap();
-        let err = store
-            .query(&Query::default(), &mut |_, _| true)
-            .unwrap_err()
-            .to_string();
+        let err = query_error(&store);
         assert!(err.contains("agent=gw seq=2"), "{err}");
     }
 
@@ -1035,10 +1050,7 @@ mod tests {
         let mut block = store.tree().get(&key).unwrap().unwrap().to_vec();
         block.truncate(block.len() - 3);
         store.tree().insert(&key, block).unwrap();
-        let err = store
-            .query(&Query::default(), &mut |_, _| true)
-            .unwrap_err()
-            .to_string();
+        let err = query_error(&store);
         assert!(err.contains("block agent=gw first seq=5"), "{err}");
         store.tree().insert(&key, &[9u8][..]).unwrap();
         let err = store.ingest_times(|_, _, _| {}).unwrap_err().to_string();
@@ -1064,11 +1076,7 @@ mod tests {
                     kept: None,
                 }])
                 .unwrap();
-            let blocks: Vec<_> = store
-                .tree()
-                .scan_prefix([BLOCK])
-                .map(|item| item.unwrap().1)
-                .collect();
+            let blocks = stored_blocks(&store);
             assert!(blocks.iter().all(|b| b[0] == BLOCK_FORMAT_ZSTD));
             let stored: usize = blocks.iter().map(|b| b.len()).sum();
             assert!(
@@ -1155,11 +1163,7 @@ mod tests {
                 let unsynced = edgefleet_sled_sync::unsynced_files(dir.path()).unwrap();
                 assert!(unsynced.dirty.is_empty(), "dirty: {:?}", unsynced.dirty);
             }
-            let blocks: Vec<_> = store
-                .tree()
-                .scan_prefix([BLOCK])
-                .map(|item| item.unwrap().1)
-                .collect();
+            let blocks = stored_blocks(&store);
             let frames: Vec<&Bytes> = batches
                 .iter()
                 .flat_map(|b| &b.kept.as_ref().unwrap().frames)
@@ -1231,10 +1235,7 @@ mod tests {
             (compressed(&cut), "record length runs past the end"),
         ] {
             store.tree().insert(&key, value).unwrap();
-            let err = store
-                .query(&Query::default(), &mut |_, _| true)
-                .unwrap_err()
-                .to_string();
+            let err = query_error(&store);
             assert!(err.contains("block agent=gw first seq=5"), "{err}");
             assert!(err.contains(says), "{err}");
         }
@@ -1262,10 +1263,7 @@ mod tests {
             vec![BLOCK_FORMAT_ZSTD],
         ] {
             store.tree().insert(&key, damaged).unwrap();
-            let err = store
-                .query(&Query::default(), &mut |_, _| true)
-                .unwrap_err()
-                .to_string();
+            let err = query_error(&store);
             assert!(err.contains("block agent=gw first seq=5"), "{err}");
             assert!(err.contains("compressed block"), "{err}");
             let err = store.ingest_times(|_, _, _| {}).unwrap_err().to_string();

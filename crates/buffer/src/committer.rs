@@ -310,12 +310,13 @@ impl Committer {
                     self.process(op, &mut group);
                 }
             }
+            let gathering_since = Instant::now();
             let mut appends_deadline = None;
             // When the group last grew: appends that belong together (every
             // source's appends in flight) arrive within microseconds, so a
             // pause of `flush_append_gap` means they are all in.
-            let mut last_growth = (group.appended, Instant::now());
-            let acks_deadline = Instant::now() + self.options.ack_linger;
+            let mut last_growth = (group.appended, gathering_since);
+            let acks_deadline = gathering_since + self.options.ack_linger;
             while barrier.is_none()
                 && self.stalled.is_none()
                 && group.records < self.options.flush_max_records
