@@ -26,6 +26,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FormLabel {
+    form: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HashLabel {
     hash: String,
 }
@@ -52,6 +57,7 @@ pub struct Metrics {
     source_queued: Family<SourceLabel, Gauge>,
     dropped: Family<ReasonLabel, Counter>,
     records_acked: Counter,
+    records_sent: Family<FormLabel, Counter>,
     uplink_reconnects: Counter,
     uplink_connected: Gauge,
     acked_seq: Gauge,
@@ -93,6 +99,7 @@ impl Metrics {
             source_queued: Family::default(),
             dropped: Family::default(),
             records_acked: Counter::default(),
+            records_sent: Family::default(),
             uplink_reconnects: Counter::default(),
             uplink_connected: Gauge::default(),
             acked_seq: Gauge::default(),
@@ -149,6 +156,11 @@ impl Metrics {
             "records_out",
             "Records acknowledged by the ingest",
             m.records_acked.clone(),
+        );
+        r.register(
+            "uplink_records_sent",
+            "Records sent to the ingest (resends included), by the form they went in: stored_frame (the buffer's compressed segment as it is on disk), compressed (compressed on the way) or plain",
+            m.records_sent.clone(),
         );
         r.register(
             "uplink_reconnects",
@@ -281,6 +293,23 @@ impl Metrics {
                 class: class.into(),
             })
             .inc_by(n);
+    }
+    /// A batch sent: `framed` of its `records` went as the buffer's stored
+    /// frames, the rest compressed on the way, or all of them plain.
+    pub fn sent(&self, records: u64, framed: u64, plain: bool) {
+        let add = |form, n| {
+            if n > 0 {
+                self.records_sent
+                    .get_or_create(&FormLabel { form })
+                    .inc_by(n);
+            }
+        };
+        if plain {
+            add("plain", records);
+        } else {
+            add("stored_frame", framed);
+            add("compressed", records - framed);
+        }
     }
     pub fn acked(&self, records: u64, through: u64) {
         self.records_acked.inc_by(records);

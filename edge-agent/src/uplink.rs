@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgefleet_buffer::{Buffer, BufferError};
+use edgefleet_buffer::{Buffer, BufferError, ReadBatch};
 use edgefleet_config::{Compression, UplinkConfig};
 use edgefleet_pki::Principal;
 use edgefleet_proto::batch_zstd::{self, BatchCompressor};
@@ -317,23 +317,22 @@ impl Uplink {
                     {
                         tokio::time::sleep(linger).await;
                     }
-                    let Some((batch, last)) = self.buffer.read_batch(cursor, max_records, max_bytes)? else {
+                    let Some(ReadBatch { batch, records, framed, last }) =
+                        self.buffer.read_batch(cursor, max_records, max_bytes, compressor.as_mut())?
+                    else {
                         // Everything from the cursor was acked or dropped meanwhile.
                         cursor = self.buffer.stats().durable_through + 1;
                         continue;
                     };
-                    if batch.records.is_empty() {
+                    if records == 0 {
                         // Every record read was malformed and skipped (counted).
                         cursor = last + 1;
                         continue;
                     }
                     self.buffer.before_send_ahead(last, reserve_ahead).await?;
                     *handed_through = (*handed_through).max(last);
-                    let count = batch.records.len() as u64;
-                    let batch = match compressor.as_mut() {
-                        Some(compressor) => compressor.compress(batch).map_err(zstd_error)?,
-                        None => batch,
-                    };
+                    let count = records as u64;
+                    self.metrics.sent(count, framed as u64, !batch.records.is_empty());
                     send(&tx, AgentFrameKind::Batch(batch)).await?;
                     inflight.push_back((last, count, Instant::now()));
                     credit -= 1;
@@ -432,10 +431,6 @@ pub fn batch_compressor(compression: Compression, hello_ack: &HelloAck) -> Optio
         }
         Compression::Gzip | Compression::None => None,
     }
-}
-
-fn zstd_error(e: edgefleet_proto::batch_zstd::BatchZstdError) -> UplinkError {
-    UplinkError::Stream(e.to_string())
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

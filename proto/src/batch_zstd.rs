@@ -71,12 +71,7 @@ impl BatchCompressor {
         if bytes < COMPRESS_FROM_BYTES {
             return Ok(batch);
         }
-        let context = match &mut self.context {
-            Some(context) => context,
-            None => self
-                .context
-                .insert(zstd::bulk::Compressor::new(LEVEL).map_err(BatchZstdError::Compress)?),
-        };
+        let context = context(&mut self.context)?;
         self.plain.clear();
         // Encoding into a Vec grows it as needed and cannot fail.
         let _ = batch.encode(&mut self.plain);
@@ -108,10 +103,119 @@ impl BatchCompressor {
     }
 }
 
+/// A batch's `records_zstd` put together, in order, from frames that were
+/// compressed earlier and from records compressed here.
+///
+/// The agent buffer stores its records as runs of whole `RecordBatch`
+/// entries, numbered, each run one zstd frame that declares its size (the
+/// buffer's segments). The uplink passes such a frame on as it is:
+/// compressing the records again was the largest cost of sending them, and
+/// the ingest checks every frame's records whoever compressed it. Records
+/// that cannot go that way (a segment read from its middle, renumbered, or
+/// written by an older agent) are compressed here, a frame per run of at
+/// most [`FRAME_PLAIN_BYTES`].
+pub struct FramedBatchBuilder<'c> {
+    compressor: &'c mut BatchCompressor,
+    frames: Vec<u8>,
+    /// Entries not yet compressed (see [`crate::encoded::write_entry`]).
+    loose: Vec<u8>,
+    records: usize,
+    plain_bytes: usize,
+}
+
+impl<'c> FramedBatchBuilder<'c> {
+    pub fn new(compressor: &'c mut BatchCompressor) -> Self {
+        FramedBatchBuilder {
+            compressor,
+            frames: Vec::new(),
+            loose: Vec::new(),
+            records: 0,
+            plain_bytes: 0,
+        }
+    }
+
+    /// Appends a frame compressed earlier: `records` whole entries, in the
+    /// batch's order, `plain_bytes` long when decompressed.
+    pub fn push_frame(
+        &mut self,
+        frame: &[u8],
+        records: usize,
+        plain_bytes: usize,
+    ) -> Result<(), BatchZstdError> {
+        self.compress_loose()?;
+        self.frames.extend_from_slice(frame);
+        self.records += records;
+        self.plain_bytes += plain_bytes;
+        Ok(())
+    }
+
+    /// Appends a record encoded without its `seq`, numbered `seq`.
+    pub fn push_record(
+        &mut self,
+        encoded_without_seq: &[u8],
+        seq: u64,
+    ) -> Result<(), BatchZstdError> {
+        let entry = crate::encoded::entry_len(encoded_without_seq.len(), seq);
+        if !self.loose.is_empty() && self.loose.len() + entry > FRAME_PLAIN_BYTES {
+            self.compress_loose()?;
+        }
+        crate::encoded::write_entry(&mut self.loose, encoded_without_seq, seq);
+        self.records += 1;
+        self.plain_bytes += entry;
+        Ok(())
+    }
+
+    /// Records so far.
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// What the records so far take uncompressed: what the ingest counts
+    /// against its `max_message_bytes`.
+    pub fn plain_bytes(&self) -> usize {
+        self.plain_bytes
+    }
+
+    /// The batch. Records alone, fewer than [`COMPRESS_FROM_BYTES`] of them,
+    /// go uncompressed, as [`BatchCompressor::compress`] sends them.
+    pub fn finish(mut self) -> Result<EncodedBatch, BatchZstdError> {
+        if self.frames.is_empty() && self.loose.len() < COMPRESS_FROM_BYTES {
+            return Ok(EncodedBatch::decode(Bytes::from(self.loose))?);
+        }
+        self.compress_loose()?;
+        Ok(EncodedBatch {
+            records: Vec::new(),
+            records_zstd: Bytes::from(self.frames),
+        })
+    }
+
+    fn compress_loose(&mut self) -> Result<(), BatchZstdError> {
+        if self.loose.is_empty() {
+            return Ok(());
+        }
+        let context = context(&mut self.compressor.context)?;
+        compress_frame(context, &self.loose, &mut self.frames)?;
+        self.loose.clear();
+        Ok(())
+    }
+}
+
 /// Bytes a record takes in a batch's encoding: `RecordBatch.records`'s key,
 /// its length and itself.
 fn entry_len(record: &Bytes) -> usize {
     prost::encoding::bytes::encoded_len(1, record)
+}
+
+/// The stream's context in `slot`, made on first use.
+fn context<'s>(
+    slot: &'s mut Option<zstd::bulk::Compressor<'static>>,
+) -> Result<&'s mut zstd::bulk::Compressor<'static>, BatchZstdError> {
+    match slot {
+        Some(context) => Ok(context),
+        None => {
+            Ok(slot.insert(zstd::bulk::Compressor::new(LEVEL).map_err(BatchZstdError::Compress)?))
+        }
+    }
 }
 
 /// Appends one zstd frame of `plain` to `out`.

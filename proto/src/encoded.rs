@@ -116,6 +116,46 @@ impl BatchBuilder {
 
 /// Field 1 (`Record.seq`), wire type varint.
 const SEQ_KEY: u8 = 1 << 3;
+/// Field 1 (`RecordBatch.records`), wire type length-delimited.
+const RECORDS_KEY: u8 = (1 << 3) | 2;
+
+/// Bytes `seq` takes when [`BatchBuilder`] or [`write_entry`] numbers a record.
+pub fn seq_len(seq: u64) -> usize {
+    1 + prost::encoding::encoded_len_varint(seq)
+}
+
+/// Appends one `RecordBatch.records` entry to `out`: the record encoded
+/// without its `seq`, numbered as [`BatchBuilder`] numbers it. A run of
+/// these is a `RecordBatch`'s encoding, which is what the agent buffer's
+/// segments hold, so a segment compressed on disk is a frame of
+/// `RecordBatch.records_zstd` as it is ([`crate::batch_zstd`]).
+pub fn write_entry(out: &mut Vec<u8>, encoded_without_seq: &[u8], seq: u64) {
+    out.push(RECORDS_KEY);
+    prost::encoding::encode_varint((encoded_without_seq.len() + seq_len(seq)) as u64, out);
+    out.extend_from_slice(encoded_without_seq);
+    out.push(SEQ_KEY);
+    prost::encoding::encode_varint(seq, out);
+}
+
+/// The bytes [`write_entry`] writes for a record of `encoded_len` bytes
+/// numbered `seq`.
+pub fn entry_len(encoded_len: usize, seq: u64) -> usize {
+    let len = encoded_len + seq_len(seq);
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The record in an entry written by [`write_entry`] with `seq`, without
+/// its number; `None` when the entry does not end in that number.
+pub fn strip_seq(record: &[u8], seq: u64) -> Option<&[u8]> {
+    let body = record.len().checked_sub(seq_len(seq))?;
+    let mut tail = &record[body..];
+    if tail.first() != Some(&SEQ_KEY) {
+        return None;
+    }
+    tail = &tail[1..];
+    (prost::encoding::decode_varint(&mut tail).ok() == Some(seq) && tail.is_empty())
+        .then(|| &record[..body])
+}
 
 /// What is wrong with an encoded record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -79,6 +79,14 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// The size a frame declares it decompresses to; `None` when its header
+/// is unreadable or declares none.
+pub fn content_size(frame: &[u8]) -> Option<u64> {
+    zstd::zstd_safe::get_frame_content_size(frame)
+        .ok()
+        .flatten()
+}
+
 /// Decompresses a frame made by [`StoredCompressor`] into `out`, which is
 /// cleared first; refuses a frame that declares no size or an impossible one
 /// before allocating for it.

@@ -2,7 +2,7 @@
 //! → Mosquitto → edge-agent → mTLS gRPC → cloud-ingest → embedded store.
 //! Every test counts records: nothing lost, nothing duplicated.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgefleet_tests::{
     check_delivery, http_get, metric, wait_until, AgentOptions, Fleet, SmallDisk,
@@ -144,6 +144,87 @@ fn sigkill_of_the_agent_under_load_loses_and_duplicates_nothing() {
         (d.stored, d.duplicates, d.lost, d.out_of_order),
         (published, 0, 0, 0),
         "{kills} kills: {d:?}"
+    );
+}
+
+/// Under load the buffer's compressed segments go to the ingest as they
+/// are stored (`form="stored_frame"`, no compression on the way), and the
+/// ingest keeps them as they came. SIGKILL of the agent while it sends
+/// them, at random points, loses and duplicates nothing.
+#[test]
+fn sigkill_while_sending_stored_frames_loses_and_duplicates_nothing() {
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    let agent = AgentOptions::new("gw-1");
+    // Subscribed, then gone: the broker keeps what is published for the
+    // agent's session, and the next agent takes it in as a flood, in
+    // appends of up to 2,048 messages, which fill whole segments.
+    let mut proc = fleet.start_agent(&agent).unwrap();
+    proc.kill9();
+    // Records of about 700 bytes, most of them random: a debug build's
+    // groups in a flood are small, and a few such records fill a frame;
+    // they compress too little for one value per group, so the buffer
+    // stores them in pieces, and those pieces are what goes.
+    let (devices, messages) = (4, 3_000);
+    let published = fleet
+        .publish_with_noise(devices, messages, 0, 0, 600)
+        .unwrap()
+        .wait(Duration::from_secs(120))
+        .unwrap();
+    proc = fleet.start_agent(&agent).unwrap();
+    assert!(
+        wait_until(DRAIN, || agent_metric(
+            &agent,
+            "edge_records_in_total",
+            "source=\"mqtt\""
+        ) >= published as f64),
+        "the flood did not reach the buffer; agent log:\n{}",
+        proc.log_text()
+    );
+    fleet.start_ingest().unwrap();
+    let mut rng = rand::rng();
+    let stored_frames = |agent: &AgentOptions| {
+        agent_metric(
+            agent,
+            "edge_uplink_records_sent_total",
+            "form=\"stored_frame\"",
+        )
+    };
+    let (mut sent_as_stored, mut kills_while_draining) = (0.0f64, 0);
+    for kill in 0..3 {
+        let pause = if kill == 0 {
+            // The first kill soon after the drain has begun.
+            let began = Instant::now();
+            while fleet.stored() == 0 && began.elapsed() < DRAIN {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            rng.random_range(0..30)
+        } else {
+            rng.random_range(20..200)
+        };
+        std::thread::sleep(Duration::from_millis(pause));
+        sent_as_stored = sent_as_stored.max(stored_frames(&agent));
+        kills_while_draining += u32::from(fleet.stored() < published);
+        proc.kill9();
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+        proc = fleet.start_agent(&agent).unwrap();
+    }
+    assert!(
+        kills_while_draining >= 1,
+        "the backlog was stored before the first kill"
+    );
+    wait_all_stored(&fleet, published);
+    sent_as_stored = sent_as_stored.max(stored_frames(&agent));
+    assert!(
+        sent_as_stored > 0.0,
+        "no record went as a stored frame; agent metrics:\n{}",
+        http_get(agent.metrics_port, "/metrics").unwrap_or_default()
+    );
+    drop(proc);
+    let d = final_delivery(&mut fleet, devices, messages, |_| false);
+    assert_eq!(
+        (d.stored, d.duplicates, d.lost, d.out_of_order),
+        (published, 0, 0, 0),
+        "{d:?}"
     );
 }
 

@@ -85,6 +85,13 @@ pub fn stored(metrics_port: u16) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes the ingest has read from its TLS connections so far: what the
+/// link carried, compressed and encrypted.
+pub fn bytes_received(metrics_port: u16) -> f64 {
+    let text = http_get(metrics_port, "/metrics").unwrap_or_default();
+    edgefleet_tests::metric(&text, "ingest_bytes_received_total", "").unwrap_or(0.0)
+}
+
 /// The ingest's group commits so far: (commits, seconds in them, batches).
 pub fn commit_totals(metrics_port: u16) -> (f64, f64, f64) {
     let text = http_get(metrics_port, "/metrics").unwrap_or_default();

@@ -70,6 +70,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         })
     };
     let cpu0 = (sys::cpu_seconds(0), sys::cpu_seconds(ingest.pid()));
+    let wire0 = super::bytes_received(ingest.metrics_port);
     let start = Instant::now();
     let mut ack_latency = histogram();
     while start.elapsed() < phase || stream.inflight() > 0 {
@@ -86,6 +87,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let transport_records = stream.acked_records;
     let transport_rate = transport_records as f64 / transport_secs;
     let cpu1 = (sys::cpu_seconds(0), sys::cpu_seconds(ingest.pid()));
+    let transport_wire = super::bytes_received(ingest.metrics_port) - wire0;
     let transport_samples = sampler.stop();
     drop(stream);
     drop(ingest);
@@ -125,6 +127,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let cpu2 = (sys::cpu_seconds(0), sys::cpu_seconds(ingest.pid()));
     let written2 = (sys::written_bytes(0), sys::written_bytes(ingest.pid()));
     let commits0 = super::commit_totals(ingest.metrics_port);
+    let wire2 = super::bytes_received(ingest.metrics_port);
     let start = Instant::now();
     let mut producers = Vec::new();
     for p in 0..PRODUCERS {
@@ -151,6 +154,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let written3 = (sys::written_bytes(0), sys::written_bytes(ingest.pid()));
     let appended_at_end = appended.load(Ordering::Relaxed);
     let commits1 = super::commit_totals(ingest.metrics_port);
+    let wire3 = super::bytes_received(ingest.metrics_port);
     stop.store(true, Ordering::Relaxed);
     for p in producers {
         let _ = p.await;
@@ -227,6 +231,18 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     result.figure(
         "spine: ingest (store) bytes written to disk per stored record",
         written3.1.saturating_sub(written2.1) as f64 / stored_in_phase,
+        "bytes",
+    );
+    // Both compress on the way: the transport each batch at the uplink's
+    // level, the spine once, when the buffer stores a segment.
+    result.figure(
+        "spine: bytes on the link per stored record (TLS, compressed)",
+        (wire3 - wire2) / stored_in_phase,
+        "bytes",
+    );
+    result.figure(
+        "transport: bytes on the link per record (TLS, compressed)",
+        transport_wire / (transport_records.max(1) as f64),
         "bytes",
     );
     result.figure(

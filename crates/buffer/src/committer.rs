@@ -103,7 +103,7 @@ pub(crate) struct Committer {
     /// An append waiting for room under the `Block` policy.
     stalled: Option<Op>,
     /// The segment of the current group, reused across groups.
-    segment: Vec<u8>,
+    segment: segment::OpenSegment,
     /// Compresses sealed segments; keeps its zstd context across groups.
     sealer: segment::Sealer,
     /// Encoded lengths of the records of one append, reused.
@@ -226,9 +226,6 @@ struct Group {
     drop_start: u64,
     drop_cursor: u64,
     dead: Vec<DeadLetter>,
-    /// Sequence numbers of the records in this group's segment.
-    segment_first: u64,
-    segment_records: u64,
     /// Whether anything in the group has someone waiting for its commit
     /// (everything but [`crate::Buffer::ack_soon`]).
     awaited: bool,
@@ -261,7 +258,7 @@ impl Committer {
             dead_count,
             dead_n: 0,
             stalled: None,
-            segment: Vec::new(),
+            segment: segment::OpenSegment::default(),
             sealer: segment::Sealer::default(),
             lens: Vec::new(),
             dedupe,
@@ -496,16 +493,15 @@ impl Committer {
     }
 
     fn append(&mut self, records: Vec<Incoming>, reply: Reply<Vec<Outcome>>, group: &mut Group) {
-        // Sizes as stored: records come without their sequence number (it
-        // is implied by the position in the segment), and are stored
-        // length-delimited, with a header per segment.
+        // Sizes as counted until sealed: each record's entry with the
+        // longest sequence number, and a header per segment.
         let mut lens = std::mem::take(&mut self.lens);
         lens.clear();
         lens.extend(records.iter().map(|r| r.record.len()));
         // What the append takes on disk at most, with the header of every
         // segment it starts: under `Block` it must fit whole, or a record
         // near the cap would be dropped instead of waiting for room.
-        let total = segment::stored_total(self.open_segment_len(group), &lens);
+        let total = segment::measured_total(self.segment.measure(), &lens);
         if total > self.options.max_bytes {
             let _ = reply.send(Err(BufferError::TooLarge {
                 bytes: total,
@@ -533,17 +529,16 @@ impl Committer {
                 }
                 group.dedupe.insert(d.key, d.fingerprint);
             }
-            let starts_segment = segment::starts_new(self.open_segment_len(group), len);
-            if starts_segment && group.segment_records > 0 {
-                self.seal_segment(&mut group.batch, group.segment_first, group.segment_records);
-                group.segment_records = 0;
+            let starts_segment = segment::starts_new(self.segment.measure(), len);
+            if starts_segment {
+                self.seal_segment(&mut group.batch);
             }
             let header = if starts_segment {
                 segment::HEADER_LEN as u64
             } else {
                 0
             };
-            let size = segment::stored_len(len) as u64 + header;
+            let size = segment::measured_len(len) as u64 + header;
             if self.levels.bytes + size > self.options.max_bytes && !self.make_room(size, group) {
                 self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
                 outcomes.push(Outcome::Dropped);
@@ -552,13 +547,11 @@ impl Committer {
             // Sequence numbers in a group are contiguous: only stored
             // records take one, so the segment numbers them by position.
             let seq = self.levels.next_seq;
-            if group.segment_records == 0 {
-                segment::start(&mut self.segment);
-                group.segment_first = seq;
+            if starts_segment {
+                self.segment.start(seq);
             }
-            let pushed = segment::push_encoded(&mut self.segment, record.as_bytes()) as u64;
+            let pushed = self.segment.push(record.as_bytes()) as u64;
             debug_assert_eq!(pushed + header, size);
-            group.segment_records += 1;
             self.levels.next_seq += 1;
             self.levels.records += 1;
             self.levels.bytes += size;
@@ -659,34 +652,26 @@ impl Committer {
         self.levels.acked_through = through;
     }
 
-    /// Bytes of the segment the group is building (0: none open).
-    fn open_segment_len(&self, group: &Group) -> usize {
-        if group.segment_records > 0 {
-            self.segment.len()
-        } else {
-            0
-        }
-    }
-
-    /// Puts the segment being built, of `records` records from `first`,
-    /// into the group's batch. Its records were counted at their size
-    /// uncompressed (a record must be judged against the cap before its
-    /// segment is complete); the level now takes the value's real size.
-    fn seal_segment(&mut self, batch: &mut sled::Batch, first: u64, records: u64) {
-        let built = self.segment.len() as u64;
-        let value = self.sealer.seal(&mut self.segment);
-        self.levels.bytes = self.levels.bytes.saturating_sub(built) + value.len() as u64;
-        batch.insert(&keys::segment(first, first + records - 1), value);
+    /// Puts the segment being built, if any, into the group's batch. Its
+    /// records were counted at their size uncompressed (a record must be
+    /// judged against the cap before its segment is complete); the level now
+    /// takes the real size of the values it is stored as.
+    fn seal_segment(&mut self, batch: &mut sled::Batch) {
+        let counted = self.segment.measure() as u64;
+        let Some((first, records, entries)) = self.segment.take() else {
+            return;
+        };
+        let mut stored = 0u64;
+        self.sealer
+            .seal(entries, first, records, |first, last, value| {
+                stored += value.len() as u64;
+                batch.insert(&keys::segment(first, last), value);
+            });
+        self.levels.bytes = self.levels.bytes.saturating_sub(counted) + stored;
     }
 
     fn commit(&mut self, mut group: Group) {
-        if group.segment_records > 0 {
-            self.seal_segment(&mut group.batch, group.segment_first, group.segment_records);
-            if self.segment.capacity() > 16 << 20 {
-                // One huge record must not pin its memory forever.
-                self.segment = Vec::new();
-            }
-        }
+        self.seal_segment(&mut group.batch);
         for letter in std::mem::take(&mut group.dead) {
             if let Ok(json) = serde_json::to_vec(&letter) {
                 self.dead_n += 1;

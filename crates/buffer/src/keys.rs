@@ -98,10 +98,16 @@ pub const META_FORMAT: &[u8] = b"m/format";
 /// gives the same memory.
 pub const META_DEDUPE_FIRST: &[u8] = b"m/dedupe_first";
 
-/// Bumped when the layout changes incompatibly.
+/// Bumped when what an older agent would misread is written.
 /// 1: one key per record. 2: one key per segment (group commit).
-pub const FORMAT_VERSION: u64 = 2;
+/// 3: segments of numbered entries (tags 3 and 4, see `segment`), which an
+/// agent that knows only 2 would skip as damaged; with the marker it
+/// quarantines the buffer instead, keeping it on disk.
+pub const FORMAT_VERSION: u64 = 3;
 pub const FORMAT_V1: u64 = 1;
+/// Format 2's segments are all still read: opening one only moves its
+/// marker on.
+pub const FORMAT_V2: u64 = 2;
 
 pub fn u64_value(value: &[u8]) -> Option<u64> {
     value.try_into().ok().map(u64::from_be_bytes)

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgefleet_proto::batch_zstd::{BatchCompressor, BatchZstdError, FramedBatchBuilder};
 use edgefleet_proto::encoded::{check_record, BatchBuilder, EncodedBatch};
 use edgefleet_proto::{EncodedRecord, Record};
 use tokio::sync::{oneshot, watch};
@@ -63,6 +64,8 @@ pub enum BufferError {
     Closed,
     #[error("buffer write failed (disk full or failing?): {0}")]
     WriteFailed(String),
+    #[error("compressing a batch read from the buffer: {0}")]
+    Compress(String),
 }
 
 /// What to do when the byte cap is reached.
@@ -310,12 +313,13 @@ impl Buffer {
     }
 
     /// What an append of `records` counts against the byte cap before it is
-    /// stored, when it starts a segment: their uncompressed size, with a
-    /// header per segment. Under the `Block` policy an append must fit
-    /// whole by this measure; once stored, compressed segments count less.
+    /// stored, when it starts a segment: their uncompressed size, numbered
+    /// (with room for the longest number), with a header per segment. Under
+    /// the `Block` policy an append must fit whole by this measure; once
+    /// stored, compressed segments count less.
     pub fn append_size(records: &[Incoming]) -> u64 {
         let lens: Vec<usize> = records.iter().map(|r| r.record.len()).collect();
-        segment::stored_total(0, &lens)
+        segment::measured_total(0, &lens)
     }
 
     /// Appends records; resolves once they are durable (or dropped, or
@@ -453,36 +457,90 @@ impl Buffer {
         Ok(out)
     }
 
-    /// [`Buffer::read_from`] for sending: the records stay encoded, numbered
-    /// on the way out ([`BatchBuilder`]), so the uplink never decodes and
-    /// re-encodes them. Returns the batch and the last sequence number it
-    /// read (sent or skipped as malformed), or `None` when nothing from
-    /// `from` on is durable.
+    /// [`Buffer::read_from`] for sending: the records stay encoded and are
+    /// numbered on the way out, so the uplink never decodes and re-encodes
+    /// them. With `compressor` (the stream's, when the ingest takes
+    /// compressed batches) the batch goes as `records_zstd`: a compressed
+    /// segment read whole, from the key it was written under, is one of its
+    /// frames as it is stored, and only other records are compressed
+    /// ([`FramedBatchBuilder`]). Returns `None` when nothing from `from` on
+    /// is durable.
     pub fn read_batch(
         &self,
         from: u64,
         max_records: usize,
         max_bytes: usize,
-    ) -> Result<Option<(EncodedBatch, u64)>, BufferError> {
-        let mut batch = BatchBuilder::with_capacity(max_records.min(4096), max_bytes.min(4 << 20));
+        compressor: Option<&mut BatchCompressor>,
+    ) -> Result<Option<ReadBatch>, BufferError> {
+        let mut out = match compressor {
+            Some(compressor) => BatchOut::Framed(FramedBatchBuilder::new(compressor)),
+            None => BatchOut::Plain(BatchBuilder::with_capacity(
+                max_records.min(4096),
+                max_bytes.min(4 << 20),
+            )),
+        };
         let mut last = None;
-        self.visit_from(from, max_records, max_bytes, |seq, encoded| {
-            last = Some(seq);
-            // The segment's checksum catches damage on disk; this catches a
-            // record the ingest would refuse, which would otherwise be
-            // resent (and refused) forever.
-            match check_record(encoded) {
-                Ok(_) => batch.push(encoded, seq),
-                Err(e) => {
-                    self.inner
-                        .counters
-                        .corrupt_skipped
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(seq, error = %e, "skipping a malformed record in the buffer");
+        let mut failed = None;
+        let mut framed_records = 0;
+        self.visit_segments(from, |segment| {
+            let (count, bytes) = (out.records(), out.bytes());
+            if let (BatchOut::Framed(framed), Some(frame)) = (&mut out, segment.whole_frame()) {
+                let records = segment.records() as usize;
+                if count > 0 && (count + records > max_records || bytes + frame.plain_len > max_bytes) {
+                    return Visit::Stop;
+                }
+                if records <= max_records
+                    && frame.plain_len >= PASS_FRAMES_FROM
+                    && frame.plain_len <= max_bytes
+                {
+                    if let Err(e) = framed.push_frame(frame.frame, records, frame.plain_len) {
+                        failed = Some(e);
+                        return Visit::Stop;
+                    }
+                    framed_records += records;
+                    last = Some(segment.last);
+                    return Visit::Next;
                 }
             }
+            segment.each_record(|seq, encoded| {
+                if out.records() > 0 && (out.records() >= max_records || out.bytes() + encoded.len() > max_bytes) {
+                    return Visit::Stop;
+                }
+                last = Some(seq);
+                // The segment's checksum catches damage on disk; this
+                // catches a record the ingest would refuse, which would
+                // otherwise be resent (and refused) forever.
+                match check_record(encoded) {
+                    Ok(_) => {
+                        if let Err(e) = out.push(encoded, seq) {
+                            failed = Some(e);
+                            return Visit::Stop;
+                        }
+                    }
+                    Err(e) => {
+                        self.inner.counters.corrupt_skipped.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(seq, error = %e, "skipping a malformed record in the buffer");
+                    }
+                }
+                Visit::Next
+            })
         })?;
-        Ok(last.map(|last| (batch.finish(), last)))
+        if let Some(e) = failed {
+            return Err(BufferError::Compress(e.to_string()));
+        }
+        let Some(last) = last else {
+            return Ok(None);
+        };
+        let records = out.records();
+        let batch = out
+            .finish()
+            .map_err(|e| BufferError::Compress(e.to_string()))?;
+        Ok(Some(ReadBatch {
+            batch,
+            records,
+            framed: framed_records,
+            last,
+        }))
     }
 
     /// Calls `take(seq, encoded)` for durable records with `seq >= from`, at
@@ -494,6 +552,27 @@ impl Buffer {
         max_records: usize,
         max_bytes: usize,
         mut take: impl FnMut(u64, &[u8]),
+    ) -> Result<(), BufferError> {
+        let (mut bytes, mut records) = (0usize, 0usize);
+        self.visit_segments(from, |segment| {
+            segment.each_record(|seq, record| {
+                if records > 0 && (records >= max_records || bytes + record.len() > max_bytes) {
+                    return Visit::Stop;
+                }
+                bytes += record.len();
+                records += 1;
+                take(seq, record);
+                Visit::Next
+            })
+        })
+    }
+
+    /// Calls `visit` for each segment holding durable records with `seq >=
+    /// from`, in order, until it says stop.
+    fn visit_segments(
+        &self,
+        from: u64,
+        mut visit: impl FnMut(SegmentView<'_>) -> Visit,
     ) -> Result<(), BufferError> {
         let (durable, acked) = {
             let levels = self.inner.levels.borrow();
@@ -520,10 +599,8 @@ impl Buffer {
             .map(|(key, _)| key);
         let end = keys::seq_bound(durable.saturating_add(1));
         let start = start.map_or_else(|| keys::seq_bound(from).to_vec(), |key| key.to_vec());
-        let segments = tree.range(start.as_slice()..end.as_slice());
-        let (mut bytes, mut records) = (0usize, 0usize);
         let mut scratch = Vec::new();
-        'segments: for item in segments {
+        for item in tree.range(start.as_slice()..end.as_slice()) {
             let (key, value) = item.map_err(storage)?;
             let Some((first, last)) = keys::span_of(&key) else {
                 continue;
@@ -531,28 +608,17 @@ impl Buffer {
             if last < from {
                 continue;
             }
-            let encoded = match segment::records(&value, last - first + 1, &mut scratch) {
-                Ok(encoded) => encoded,
-                Err(damage) => {
-                    // A damaged segment must not stall the uplink forever:
-                    // skip it, loudly. The ingest sees a gap in the sequence.
-                    let skipped = last.min(durable) - first.max(from) + 1;
-                    self.inner
-                        .counters
-                        .corrupt_skipped
-                        .fetch_add(skipped, Ordering::Relaxed);
-                    tracing::error!(first, last, skipped, %damage, "skipping a damaged segment of the buffer");
-                    continue;
-                }
+            let segment = SegmentView {
+                first,
+                last,
+                from,
+                durable,
+                value: &value,
+                scratch: &mut scratch,
+                counters: &self.inner.counters,
             };
-            let skip = from.saturating_sub(first) as usize;
-            for (seq, record) in (first..=last.min(durable)).zip(encoded).skip(skip) {
-                if records > 0 && (records >= max_records || bytes + record.len() > max_bytes) {
-                    break 'segments;
-                }
-                bytes += record.len();
-                records += 1;
-                take(seq, record);
+            if let Visit::Stop = visit(segment) {
+                break;
             }
         }
         Ok(())
@@ -640,6 +706,130 @@ impl Buffer {
             .send_async(op)
             .await
             .map_err(|_| BufferError::Closed)
+    }
+}
+
+/// What [`Buffer::read_batch`] read.
+#[derive(Debug)]
+pub struct ReadBatch {
+    pub batch: EncodedBatch,
+    /// Records in `batch` (its `records` is empty when they are compressed).
+    pub records: usize,
+    /// Of those, the records that went as stored frames.
+    pub framed: usize,
+    /// The last sequence number read, sent or skipped as malformed.
+    pub last: u64,
+}
+
+/// A compressed segment smaller than this uncompressed is compressed again
+/// with its neighbours rather than sent as its own frame: under light load
+/// a group holds a few records, and a frame of each would compress poorly
+/// and become a block of its own in the ingest's store. Pieces of a run
+/// that barely compresses (at most 7 KiB, see `segment::Sealer`) pass.
+const PASS_FRAMES_FROM: usize = 4 * 1024;
+
+/// Whether a visitor wants more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Visit {
+    Next,
+    Stop,
+}
+
+/// One segment as the readers meet it.
+struct SegmentView<'a> {
+    /// The sequence numbers its key gives it.
+    first: u64,
+    last: u64,
+    /// The first record wanted, and the last durable one.
+    from: u64,
+    durable: u64,
+    value: &'a [u8],
+    scratch: &'a mut Vec<u8>,
+    counters: &'a Counters,
+}
+
+impl<'a> SegmentView<'a> {
+    fn records(&self) -> u64 {
+        self.last - self.first + 1
+    }
+
+    /// The segment's stored frame, when every record of it is wanted and
+    /// durable and it is still under the key it was written with (an
+    /// anchor moves segments, and their records then need new numbers).
+    /// A damaged segment has none; [`Self::each_record`] reports it.
+    fn whole_frame(&self) -> Option<segment::StoredFrame<'a>> {
+        if self.from > self.first || self.last > self.durable {
+            return None;
+        }
+        segment::stored_frame(self.value)
+            .ok()
+            .flatten()
+            .filter(|frame| frame.written_first == self.first)
+    }
+
+    /// Calls `take(seq, encoded)` for each wanted durable record, until it
+    /// says stop; returns what it said last. A damaged segment is skipped
+    /// and counted: it must not stall the uplink forever, and the ingest
+    /// sees a gap in the sequence.
+    fn each_record(self, mut take: impl FnMut(u64, &[u8]) -> Visit) -> Visit {
+        let (first, last) = (self.first, self.last.min(self.durable));
+        let encoded = match segment::records(self.value, self.records(), self.scratch) {
+            Ok(encoded) => encoded,
+            Err(damage) => {
+                let skipped = last - first.max(self.from) + 1;
+                self.counters
+                    .corrupt_skipped
+                    .fetch_add(skipped, Ordering::Relaxed);
+                tracing::error!(first, last, skipped, %damage, "skipping a damaged segment of the buffer");
+                return Visit::Next;
+            }
+        };
+        let skip = self.from.saturating_sub(first) as usize;
+        for (seq, record) in (first..=last).zip(encoded).skip(skip) {
+            if take(seq, record) == Visit::Stop {
+                return Visit::Stop;
+            }
+        }
+        Visit::Next
+    }
+}
+
+/// Where [`Buffer::read_batch`] puts what it reads.
+enum BatchOut<'c> {
+    Plain(BatchBuilder),
+    Framed(FramedBatchBuilder<'c>),
+}
+
+impl BatchOut<'_> {
+    fn records(&self) -> usize {
+        match self {
+            BatchOut::Plain(b) => b.len(),
+            BatchOut::Framed(b) => b.records(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            BatchOut::Plain(b) => b.bytes(),
+            BatchOut::Framed(b) => b.plain_bytes(),
+        }
+    }
+
+    fn push(&mut self, encoded: &[u8], seq: u64) -> Result<(), BatchZstdError> {
+        match self {
+            BatchOut::Plain(b) => {
+                b.push(encoded, seq);
+                Ok(())
+            }
+            BatchOut::Framed(b) => b.push_record(encoded, seq),
+        }
+    }
+
+    fn finish(self) -> Result<EncodedBatch, BatchZstdError> {
+        match self {
+            BatchOut::Plain(b) => Ok(b.finish()),
+            BatchOut::Framed(b) => b.finish(),
+        }
     }
 }
 

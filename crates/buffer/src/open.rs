@@ -201,6 +201,10 @@ fn try_open(dir: &Path) -> Result<(sled::Db, Levels, bool), OpenFailure> {
     };
     if format == keys::FORMAT_V1 {
         migrate_v1(dir, &db)?;
+    } else if format == keys::FORMAT_V2 {
+        db.insert(keys::META_FORMAT, &keys::FORMAT_VERSION.to_be_bytes())
+            .and_then(|_| db.flush())
+            .map_err(|e| classify(dir, e))?;
     } else if format != keys::FORMAT_VERSION {
         return Err(OpenFailure::Corrupt(format!(
             "unknown buffer format {format} (this agent writes {})",
@@ -318,7 +322,7 @@ pub(crate) fn read_dead_letters(db: &sled::Db) -> Result<Vec<DeadLetter>, sled::
 /// Converts a format 1 buffer (one key per record) into segments, in bounded
 /// steps. Each step is one atomic batch that replaces some format 1 records
 /// by segments holding the same bytes and corrects the byte count; format 1
-/// and format 2 keys differ in length, so a buffer interrupted between steps
+/// and segment keys differ in length, so a buffer interrupted between steps
 /// (SIGKILL, power loss) is simply migrated further on the next start. The
 /// format marker changes only in the last step, when no format 1 key is
 /// left. Records, sequence numbers and every other entry stay as they are.
@@ -326,7 +330,7 @@ fn migrate_v1(dir: &Path, db: &sled::Db) -> Result<(), OpenFailure> {
     const STEP_RECORDS: usize = 4096;
     const STEP_BYTES: usize = 4 << 20;
     let mut migrated = 0u64;
-    let mut value = Vec::new();
+    let mut open = segment::OpenSegment::default();
     let mut sealer = segment::Sealer::default();
     loop {
         let bytes = db
@@ -336,16 +340,17 @@ fn migrate_v1(dir: &Path, db: &sled::Db) -> Result<(), OpenFailure> {
             .unwrap_or(0);
         let mut batch = sled::Batch::default();
         let (mut old_bytes, mut new_bytes) = (0u64, 0u64);
-        // The current run of consecutive records, which becomes a segment.
-        let mut run: Option<(u64, u64)> = None;
-        let mut seal =
-            |run: &mut Option<(u64, u64)>, value: &mut Vec<u8>, batch: &mut sled::Batch| {
-                if let Some((first, last)) = run.take() {
-                    let value = sealer.seal(value);
+        let mut seal = |open: &mut segment::OpenSegment, batch: &mut sled::Batch| {
+            if let Some((first, records, entries)) = open.take() {
+                sealer.seal(entries, first, records, |first, last, value| {
                     batch.insert(&keys::segment(first, last), value);
                     new_bytes += value.len() as u64;
-                }
-            };
+                });
+            }
+        };
+        // The last record of the open segment: a segment is a run of
+        // consecutive records.
+        let mut run_last = None;
         let mut step_records = 0usize;
         let mut done = true;
         for item in db.range(keys::records_start()..keys::records_end()) {
@@ -358,23 +363,21 @@ fn migrate_v1(dir: &Path, db: &sled::Db) -> Result<(), OpenFailure> {
                 done = false;
                 break;
             }
-            match run {
-                Some((_, last)) if last + 1 == seq => {}
-                _ => {
-                    seal(&mut run, &mut value, &mut batch);
-                    segment::start(&mut value);
-                    run = Some((seq, seq));
-                }
+            if run_last.map(|last: u64| last + 1) != Some(seq)
+                || segment::starts_new(open.measure(), record.len())
+            {
+                seal(&mut open, &mut batch);
+                open.start(seq);
             }
-            // The record is kept as it was stored, `seq` included: reading
-            // sets it from the position, to the same number.
-            segment::push_encoded(&mut value, &record);
-            run = run.map(|(first, _)| (first, seq));
+            // The record is kept as it was stored, its own `seq` included:
+            // the number written after it is the same and wins.
+            open.push(&record);
+            run_last = Some(seq);
             batch.remove(key);
             old_bytes += record.len() as u64;
             step_records += 1;
         }
-        seal(&mut run, &mut value, &mut batch);
+        seal(&mut open, &mut batch);
         let bytes = (bytes + new_bytes).saturating_sub(old_bytes);
         batch.insert(keys::META_BYTES, &bytes.to_be_bytes());
         if done {
@@ -386,7 +389,7 @@ fn migrate_v1(dir: &Path, db: &sled::Db) -> Result<(), OpenFailure> {
             db.flush().map_err(|e| classify(dir, e))?;
             tracing::info!(
                 records = migrated,
-                "migrated the buffer from one key per record (format 1) to segments (format 2)"
+                "migrated the buffer from one key per record (format 1) to segments"
             );
             return Ok(());
         }

@@ -6,6 +6,7 @@ use edgefleet_buffer::{
     AnchorOutcome, Buffer, BufferError, BufferOptions, CommitObserver, DedupeKey, FullPolicy,
     Incoming, Outcome,
 };
+use edgefleet_proto::batch_zstd::BatchCompressor;
 use edgefleet_proto::{RawPayload, Record};
 
 fn record(device: &str, payload: &[u8]) -> Incoming {
@@ -1101,4 +1102,189 @@ async fn telemetry_is_stored_compressed_and_reads_back_whole() {
     assert_eq!(buffer.stats().corrupt_skipped_total, 0);
     buffer.ack(1_000).await.unwrap();
     assert_eq!((buffer.stats().records, buffer.stats().bytes), (0, 0));
+}
+
+/// Records shaped like the MQTT source's: they compress as telemetry does.
+fn telemetry(n: u32) -> Vec<Incoming> {
+    (0..n)
+        .map(|i| {
+            let payload = format!(
+                r#"{{"temp":{:.1},"rpm":{},"mode":"eco","n":{i}}}"#,
+                20.0 + (i % 50) as f64 / 10.0,
+                1200 + i % 400
+            );
+            record(&format!("dev-{:03}", i % 20), payload.as_bytes())
+        })
+        .collect()
+}
+
+/// A batch as the ingest opens it: each record's `seq` and its bytes
+/// without it, and the frames the ingest would store as they came.
+fn opened(
+    batch: edgefleet_proto::encoded::EncodedBatch,
+) -> (
+    Vec<(u64, Vec<u8>)>,
+    Option<edgefleet_proto::batch_zstd::KeptFrames>,
+) {
+    let (batch, kept) = edgefleet_proto::batch_zstd::BatchDecompressor::new()
+        .unwrap()
+        .open_keeping_frames(batch, 64 << 20)
+        .unwrap();
+    let records = batch
+        .records
+        .iter()
+        .map(|r| {
+            let seq = edgefleet_proto::encoded::check_record(r).unwrap();
+            let bare = edgefleet_proto::encoded::strip_seq(r, seq).expect("numbered at its end");
+            (seq, bare.to_vec())
+        })
+        .collect();
+    (records, kept)
+}
+
+fn bytes_of(incoming: &[Incoming]) -> Vec<Vec<u8>> {
+    incoming
+        .iter()
+        .map(|i| i.record.as_bytes().to_vec())
+        .collect()
+}
+
+/// Under load the uplink sends the buffer's compressed segments as they
+/// are stored, byte for byte: a batch's frames are the segments' frames,
+/// it ends where a segment ends, and it opens to every record, numbered.
+#[tokio::test]
+async fn a_batch_is_the_stored_segments_frames_and_opens_to_the_numbered_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let appended = telemetry(5_000);
+    let wanted = bytes_of(&appended);
+    buffer.append(appended).await.unwrap();
+    let mut compressor = BatchCompressor::default();
+    let mut sent = Vec::new();
+    let mut frames = Vec::new();
+    let mut cursor = 1;
+    while let Some(read) = buffer
+        .read_batch(cursor, 2_000, 4 << 20, Some(&mut compressor))
+        .unwrap()
+    {
+        assert!(read.batch.records.is_empty(), "sent uncompressed");
+        assert!(read.records <= 2_000);
+        // Every segment here is over PASS_FRAMES_FROM (the last one holds
+        // half of 32 KiB of records).
+        assert_eq!(read.framed, read.records);
+        frames.extend_from_slice(&read.batch.records_zstd);
+        let (records, kept) = opened(read.batch);
+        assert_eq!(records.len(), read.records);
+        assert_eq!(records.last().unwrap().0, read.last);
+        let kept = kept.expect("the ingest can keep the frames");
+        assert!(kept.frames.len() > 1);
+        sent.extend(records);
+        cursor = read.last + 1;
+    }
+    assert_eq!(
+        sent.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=5_000).collect::<Vec<_>>()
+    );
+    assert_eq!(sent.into_iter().map(|r| r.1).collect::<Vec<_>>(), wanted);
+    buffer.close().await.unwrap();
+    drop(buffer);
+
+    // Byte for byte what is stored after each segment's 13-byte header:
+    // nothing was compressed on the way out.
+    let db = sled::open(dir.path().join("buffer")).unwrap();
+    let stored: Vec<u8> = db
+        .scan_prefix(b"r")
+        .flat_map(|item| item.unwrap().1[13..].to_vec())
+        .collect();
+    assert_eq!(stored, frames);
+}
+
+/// Records that cannot go as a stored frame (a segment read from its middle,
+/// a batch smaller than a segment, segments an anchor renumbered, the few
+/// records of light load) are compressed on the way, in order, numbered as
+/// the buffer numbers them; without a compressor every batch goes plain.
+#[tokio::test]
+async fn records_that_cannot_go_as_stored_frames_are_compressed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let appended = telemetry(3_000);
+    let wanted = bytes_of(&appended);
+    buffer.append(appended).await.unwrap();
+    let mut compressor = BatchCompressor::default();
+    let read = |from: u64, max_records: usize, compressor: Option<&mut BatchCompressor>| {
+        let read = buffer
+            .read_batch(from, max_records, 4 << 20, compressor)
+            .unwrap()
+            .unwrap();
+        let plain = !read.batch.records.is_empty();
+        let framed = read.framed;
+        let (records, _) = opened(read.batch);
+        assert_eq!(records.len(), read.records);
+        (records, plain, framed)
+    };
+    let seqs_of = |records: &[(u64, Vec<u8>)]| {
+        for (seq, bytes) in records {
+            assert_eq!(bytes, &wanted[*seq as usize - 1], "record {seq}");
+        }
+        records.iter().map(|r| r.0).collect::<Vec<_>>()
+    };
+    // From the middle of a segment, and fewer records than a segment holds.
+    let (records, plain, framed) = read(151, 2_000, Some(&mut compressor));
+    assert_eq!(seqs_of(&records)[0], 151);
+    assert!(!plain);
+    // The rest of the first segment compressed, the next ones as stored.
+    assert!(framed > 0 && framed < records.len(), "{framed}");
+    let (records, _, framed) = read(7, 100, Some(&mut compressor));
+    assert_eq!(seqs_of(&records), (7..107).collect::<Vec<_>>());
+    assert_eq!(framed, 0);
+    // No compressor: the records themselves, numbered.
+    let (records, plain, framed) = read(1, 2_000, None);
+    assert!(plain);
+    assert_eq!(framed, 0);
+    assert_eq!(
+        seqs_of(&records),
+        (1..=records.len() as u64).collect::<Vec<_>>()
+    );
+    buffer.ack(3_000).await.unwrap();
+
+    // Light load: a record per group, each its own small segment.
+    for i in 0..5u8 {
+        buffer.append(vec![record("d", &[i; 40])]).await.unwrap();
+    }
+    let (records, plain, _) = read(3_001, 2_000, Some(&mut compressor));
+    assert_eq!(
+        records.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (3_001..=3_005).collect::<Vec<_>>()
+    );
+    assert_eq!(records[4].1, record("d", &[4; 40]).record.as_bytes());
+    assert!(plain, "a few hundred bytes go as they are");
+    buffer.close().await.unwrap();
+    drop(buffer);
+
+    // A fresh buffer anchored behind what the ingest stored: every segment
+    // moves to new numbers, and its records go with them.
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let appended = telemetry(3_000);
+    let wanted = bytes_of(&appended);
+    buffer.append(appended).await.unwrap();
+    assert_eq!(
+        buffer.anchor(10_000).await.unwrap(),
+        AnchorOutcome::Shifted(10_000)
+    );
+    let mut cursor = 10_001;
+    let mut sent = Vec::new();
+    while let Some(read) = buffer
+        .read_batch(cursor, 2_000, 4 << 20, Some(&mut compressor))
+        .unwrap()
+    {
+        cursor = read.last + 1;
+        assert_eq!(read.framed, 0, "renumbered records went as stored");
+        sent.extend(opened(read.batch).0);
+    }
+    assert_eq!(
+        sent.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (10_001..=13_000).collect::<Vec<_>>()
+    );
+    assert_eq!(sent.into_iter().map(|r| r.1).collect::<Vec<_>>(), wanted);
 }
