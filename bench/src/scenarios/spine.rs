@@ -97,6 +97,17 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let ingest = start_ingest(dir.path(), &pki, Some(&store), "ingest-store")?;
     let mut options = BufferOptions::new(dir.path().join("agent"));
     options.max_bytes = 4 << 30;
+    // The buffer's commits that wrote to disk: (count, total µs).
+    let buffer_commits = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    options.on_commit = Some(edgefleet_buffer::CommitObserver(Arc::new({
+        let commits = buffer_commits.clone();
+        move |took: Duration| {
+            commits.0.fetch_add(1, Ordering::Relaxed);
+            commits
+                .1
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        }
+    })));
     let (buffer, _) = Buffer::open(options)?;
     let uplink_config: edgefleet_config::UplinkConfig =
         serde_json::from_value(serde_json::json!({
@@ -127,6 +138,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let cpu2 = (sys::cpu_seconds(0), sys::cpu_seconds(ingest.pid()));
     let written2 = (sys::written_bytes(0), sys::written_bytes(ingest.pid()));
     let commits0 = super::commit_totals(ingest.metrics_port);
+    let buffer_commits0 = (
+        buffer_commits.0.load(Ordering::Relaxed),
+        buffer_commits.1.load(Ordering::Relaxed),
+    );
     let wire2 = super::bytes_received(ingest.metrics_port);
     let start = Instant::now();
     let mut producers = Vec::new();
@@ -154,6 +169,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let written3 = (sys::written_bytes(0), sys::written_bytes(ingest.pid()));
     let appended_at_end = appended.load(Ordering::Relaxed);
     let commits1 = super::commit_totals(ingest.metrics_port);
+    let buffer_commits1 = (
+        buffer_commits.0.load(Ordering::Relaxed),
+        buffer_commits.1.load(Ordering::Relaxed),
+    );
     let wire3 = super::bytes_received(ingest.metrics_port);
     stop.store(true, Ordering::Relaxed);
     for p in producers {
@@ -180,6 +199,17 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         "spine: ingest group commit (write + fsync), mean",
         1e3 * (commits1.1 - commits0.1) / commits,
         "ms",
+    );
+    let buffer_commit_count = buffer_commits1.0.saturating_sub(buffer_commits0.0).max(1);
+    result.figure(
+        "spine: buffer group commit (write + fsync), mean",
+        (buffer_commits1.1 - buffer_commits0.1) as f64 / 1e3 / buffer_commit_count as f64,
+        "ms",
+    );
+    result.figure(
+        "spine: buffer group commits per second",
+        buffer_commit_count as f64 / secs,
+        "commits/s",
     );
     result.figure(
         "spine: ingest batches per group commit",
