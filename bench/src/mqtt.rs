@@ -35,6 +35,19 @@ pub struct Published {
     pub seconds: f64,
 }
 
+/// Nagle's algorithm off for the harness's own clients. With it on, a
+/// publisher's next PUBLISH (or the counting subscriber's next PUBACK)
+/// waited behind one the broker had not acknowledged yet, for the broker's
+/// delayed ACK (40 ms on Linux): the broker alone showed a p99 of 40 ms at
+/// half its ceiling, and its ceiling was the subscriber's, not the
+/// broker's (BENCHMARKS.md, "Nagle in the harness"). The agent's own
+/// client keeps rumqttc's default (measured there too, and not adopted).
+fn no_delay() -> rumqttc::NetworkOptions {
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network
+}
+
 /// Publishes QoS 1 from `clients` connections over `devices` topics for
 /// `duration`, at `rate` messages/s in total (None = as fast as the broker
 /// takes them), and waits until the broker acknowledged every message.
@@ -82,6 +95,7 @@ async fn publish_one(
         .set_inflight(500)
         .set_clean_session(true);
     let (client, mut eventloop) = AsyncClient::new(options, 2000);
+    eventloop.set_network_options(no_delay());
     let acked = Arc::new(AtomicU64::new(0));
     // In a JoinSet of its own, so that it stops with this task if aborted.
     let mut driver = tokio::task::JoinSet::new();
@@ -180,6 +194,7 @@ impl Counter {
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
+        eventloop.set_network_options(no_delay());
         client
             .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
             .await?;

@@ -69,6 +69,14 @@ pub fn peak_rss(pid: i32) -> u64 {
     status_bytes(pid, "VmHWM")
 }
 
+/// Starts this process's [`peak_rss`] over from its current RSS
+/// (`clear_refs` 5), so a scenario's peak is not an earlier one's.
+pub fn reset_own_peak_rss() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        eprintln!("cannot reset the peak RSS (/proc/self/clear_refs): {e}");
+    }
+}
+
 /// The 1-minute load average.
 pub fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")

@@ -38,6 +38,8 @@ pub fn templates() -> Vec<EncodedRecord> {
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let mut result = ctx.result("spine");
+    // `all` runs other scenarios in this process first.
+    sys::reset_own_peak_rss();
     let phase = ctx.phase();
     let dir = tempfile::tempdir()?;
     let pki = edgefleet_pki::dev::init(
