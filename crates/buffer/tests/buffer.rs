@@ -1142,11 +1142,18 @@ fn opened(
     (records, kept)
 }
 
-fn bytes_of(incoming: &[Incoming]) -> Vec<Vec<u8>> {
-    incoming
+/// A fresh buffer holding `n` of [`telemetry`]'s records appended at once
+/// (whole segments of 32 KiB), and their bytes.
+async fn buffer_of_telemetry(n: u32) -> (tempfile::TempDir, Buffer, Vec<Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let appended = telemetry(n);
+    let wanted = appended
         .iter()
         .map(|i| i.record.as_bytes().to_vec())
-        .collect()
+        .collect();
+    buffer.append(appended).await.unwrap();
+    (dir, buffer, wanted)
 }
 
 /// Under load the uplink sends the buffer's compressed segments as they
@@ -1154,11 +1161,7 @@ fn bytes_of(incoming: &[Incoming]) -> Vec<Vec<u8>> {
 /// it ends where a segment ends, and it opens to every record, numbered.
 #[tokio::test]
 async fn a_batch_is_the_stored_segments_frames_and_opens_to_the_numbered_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
-    let appended = telemetry(5_000);
-    let wanted = bytes_of(&appended);
-    buffer.append(appended).await.unwrap();
+    let (dir, buffer, wanted) = buffer_of_telemetry(5_000).await;
     let mut compressor = BatchCompressor::default();
     let mut sent = Vec::new();
     let mut frames = Vec::new();
@@ -1205,11 +1208,7 @@ async fn a_batch_is_the_stored_segments_frames_and_opens_to_the_numbered_records
 /// the buffer numbers them; without a compressor every batch goes plain.
 #[tokio::test]
 async fn records_that_cannot_go_as_stored_frames_are_compressed_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
-    let appended = telemetry(3_000);
-    let wanted = bytes_of(&appended);
-    buffer.append(appended).await.unwrap();
+    let (_dir, buffer, wanted) = buffer_of_telemetry(3_000).await;
     let mut compressor = BatchCompressor::default();
     let read = |from: u64, max_records: usize, compressor: Option<&mut BatchCompressor>| {
         let read = buffer
@@ -1263,11 +1262,7 @@ async fn records_that_cannot_go_as_stored_frames_are_compressed_in_order() {
 
     // A fresh buffer anchored behind what the ingest stored: every segment
     // moves to new numbers, and its records go with them.
-    let dir = tempfile::tempdir().unwrap();
-    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
-    let appended = telemetry(3_000);
-    let wanted = bytes_of(&appended);
-    buffer.append(appended).await.unwrap();
+    let (_dir, buffer, wanted) = buffer_of_telemetry(3_000).await;
     assert_eq!(
         buffer.anchor(10_000).await.unwrap(),
         AnchorOutcome::Shifted(10_000)
