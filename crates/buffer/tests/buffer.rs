@@ -1283,3 +1283,98 @@ async fn records_that_cannot_go_as_stored_frames_are_compressed_in_order() {
     );
     assert_eq!(sent.into_iter().map(|r| r.1).collect::<Vec<_>>(), wanted);
 }
+
+/// A buffer the previous agent wrote (format 2: records without their
+/// numbers, segments compressed or not) is read and sent as it is, takes new
+/// records in the new kind of segment, and says so in its format marker, so
+/// that an agent rolled back to the old version quarantines it (kept on
+/// disk) instead of skipping segments it cannot read.
+#[tokio::test]
+async fn a_format_2_buffer_is_sent_whole_and_then_marked_format_3() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let old: Vec<Record> = (1..=300u64)
+        .map(|seq| Record {
+            seq: 0,
+            source: "mqtt".into(),
+            device_id: format!("dev-{}", seq % 7),
+            timestamp_ns: seq as i64,
+            value: Some(edgefleet_proto::record::Value::Signals(
+                edgefleet_proto::Signals {
+                    signals: vec![edgefleet_proto::Signal::f64("temp", seq as f64 / 4.0)],
+                },
+            )),
+        })
+        .collect();
+    {
+        let db = sled::open(dir.path().join("buffer")).unwrap();
+        let mut batch = sled::Batch::default();
+        let mut bytes = 0u64;
+        for (i, run) in old.chunks(100).enumerate() {
+            let mut body = Vec::new();
+            for record in run {
+                record.encode_length_delimited(&mut body).unwrap();
+            }
+            // Tags 2 (compressed) and 1 (as it is), as format 2 wrote them.
+            let mut stored = Vec::new();
+            let tag = if i == 1 {
+                stored.extend_from_slice(&body);
+                1u8
+            } else {
+                let mut zstd = edgefleet_proto::stored_zstd::StoredCompressor::default();
+                assert!(zstd.compress_into(&body, &mut stored));
+                2u8
+            };
+            let mut value = vec![tag];
+            value.extend_from_slice(&crc32fast::hash(&stored).to_le_bytes());
+            value.extend_from_slice(&stored);
+            bytes += value.len() as u64;
+            let first = 1 + 100 * i as u64;
+            let mut key = vec![b'r'];
+            key.extend_from_slice(&first.to_be_bytes());
+            key.extend_from_slice(&(first + 99).to_be_bytes());
+            batch.insert(key, value);
+        }
+        for (key, value) in [
+            (&b"m/format"[..], 2u64),
+            (b"m/next_seq", 301),
+            (b"m/records", 300),
+            (b"m/bytes", bytes),
+            (b"m/epoch", 77),
+            (b"m/anchored", 1),
+            (b"m/acked_through", 0),
+        ] {
+            batch.insert(key, &value.to_be_bytes());
+        }
+        db.apply_batch(batch).unwrap();
+        db.flush().unwrap();
+    }
+    let (buffer, report) = Buffer::open(options(dir.path())).unwrap();
+    assert!(report.quarantined.is_none());
+    assert_eq!(report.resumed_records, 300);
+    let mut compressor = BatchCompressor::default();
+    let read = buffer
+        .read_batch(1, 2_000, 4 << 20, Some(&mut compressor))
+        .unwrap()
+        .unwrap();
+    assert_eq!((read.records, read.framed, read.last), (300, 0, 300));
+    let (records, _) = opened(read.batch);
+    for (i, (seq, bytes)) in records.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1);
+        assert_eq!(Record::decode(bytes.as_slice()).unwrap(), old[i]);
+    }
+    // New records go into the new segments, and as stored frames.
+    buffer.append(telemetry(3_000)).await.unwrap();
+    let read = buffer
+        .read_batch(301, 2_000, 4 << 20, Some(&mut compressor))
+        .unwrap()
+        .unwrap();
+    assert!(read.framed > 0, "{read:?}");
+    buffer.close().await.unwrap();
+    drop(buffer);
+    let db = sled::open(dir.path().join("buffer")).unwrap();
+    assert_eq!(
+        db.get(b"m/format").unwrap().unwrap().as_ref(),
+        &3u64.to_be_bytes()
+    );
+}
