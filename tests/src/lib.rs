@@ -301,34 +301,97 @@ impl Drop for SmallDisk {
 /// A real Mosquitto broker on a loopback port.
 pub struct Mosquitto {
     pub port: u16,
+    /// The TLS listener's port, when it has one.
+    pub tls_port: Option<u16>,
     pub proc: Proc,
+    binary: PathBuf,
+    conf: PathBuf,
+    log: PathBuf,
+}
+
+/// Certificate, key and client CA of a broker's TLS listener; it requires
+/// a client certificate issued by that CA.
+pub struct BrokerTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub client_ca: &'a Path,
 }
 
 impl Mosquitto {
     /// Started with `max_inflight_messages` set to `window` (0: no limit).
     pub fn with_window(dir: &Path, window: u32) -> anyhow::Result<Mosquitto> {
+        Self::start(dir, window, None)
+    }
+
+    /// A plain listener and, when `tls` is given, a TLS one beside it.
+    pub fn start(dir: &Path, window: u32, tls: Option<BrokerTls>) -> anyhow::Result<Mosquitto> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
-            .find(|p| Path::new(p).exists())
+            .map(PathBuf::from)
+            .find(|p| p.exists())
             .context("mosquitto is not installed (apt-get install mosquitto)")?;
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
         // Deep queues so an agent that is down (killed) finds everything
         // waiting in its persistent session; a wide in-flight window so the
-        // agent's group commit has company.
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000000\nmax_inflight_messages {window}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
-            ),
-        )?;
+        // agent's group commit has company. `user root`: the broker reads
+        // the test's key files, which only their owner may.
+        let mut text = format!(
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000000\nmax_inflight_messages {window}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+        );
+        let tls_port = tls.map(|tls| {
+            let tls_port = free_port();
+            text.push_str(&format!(
+                "listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\nrequire_certificate true\n",
+                tls.cert.display(),
+                tls.key.display(),
+                tls.client_ca.display()
+            ));
+            tls_port
+        });
+        std::fs::write(&conf, text)?;
+        let log = dir.join("mosquitto.log");
+        let proc = Self::spawn(&binary, &conf, &log, port, tls_port)?;
+        Ok(Mosquitto {
+            port,
+            tls_port,
+            proc,
+            binary,
+            conf,
+            log,
+        })
+    }
+
+    fn spawn(
+        binary: &Path,
+        conf: &Path,
+        log: &Path,
+        port: u16,
+        tls_port: Option<u16>,
+    ) -> anyhow::Result<Proc> {
         let mut proc = Proc::spawn(
             "mosquitto",
-            Command::new(binary).arg("-c").arg(&conf),
-            dir.join("mosquitto.log"),
+            Command::new(binary).arg("-c").arg(conf),
+            log.to_path_buf(),
         )?;
-        proc.wait_for_port(port, Duration::from_secs(10))?;
-        Ok(Mosquitto { port, proc })
+        for port in std::iter::once(port).chain(tls_port) {
+            proc.wait_for_port(port, Duration::from_secs(10))?;
+        }
+        Ok(proc)
+    }
+
+    /// SIGKILLs the broker and starts it again on the same ports. It keeps
+    /// no sessions (no persistence): what it held is gone.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill9();
+        self.proc = Self::spawn(
+            &self.binary,
+            &self.conf,
+            &self.log,
+            self.port,
+            self.tls_port,
+        )?;
+        Ok(())
     }
 }
 
@@ -427,6 +490,11 @@ pub struct AgentOptions {
     pub node: Option<String>,
     /// The MQTT source's `sharedGroup`.
     pub shared_group: Option<String>,
+    /// The MQTT source's `keepAliveSecs`.
+    pub keep_alive_secs: u16,
+    /// Connect to the broker's TLS listener, at `localhost`, with this CA
+    /// file, client certificate and key.
+    pub mqtt_tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl AgentOptions {
@@ -440,6 +508,8 @@ impl AgentOptions {
             metrics_port: free_port(),
             node: None,
             shared_group: None,
+            keep_alive_secs: 30,
+            mqtt_tls: None,
         }
     }
 }
@@ -523,10 +593,11 @@ impl Fleet {
 sources:
   mqtt:
     - name: mqtt
-      host: 127.0.0.1
+      host: {mqtt_host}
       port: {mqtt}
       clientId: {client_id}
-      cleanSession: false{shared}
+      cleanSession: false
+      keepAliveSecs: {keep_alive}{shared}{tls}
       subscriptions:
         - topic: devices/+/telemetry
           qos: 1
@@ -548,8 +619,30 @@ metrics:
   listen: 127.0.0.1:{metrics}
 "#,
             data = data_dir.display(),
-            mqtt = self.mqtt.port,
+            mqtt_host = if o.mqtt_tls.is_some() {
+                "localhost"
+            } else {
+                "127.0.0.1"
+            },
+            mqtt = match o.mqtt_tls {
+                Some(_) => self
+                    .mqtt
+                    .tls_port
+                    .context("the broker has no TLS listener")?,
+                None => self.mqtt.port,
+            },
             client_id = o.client_id,
+            keep_alive = o.keep_alive_secs,
+            tls = o
+                .mqtt_tls
+                .as_ref()
+                .map(|(ca, cert, key)| format!(
+                    "\n      tls:\n        caFile: {}\n        certFile: {}\n        keyFile: {}",
+                    ca.display(),
+                    cert.display(),
+                    key.display()
+                ))
+                .unwrap_or_default(),
             shared = o
                 .shared_group
                 .as_ref()
@@ -572,7 +665,29 @@ metrics:
         self.dir.path().join(format!("agent-{id}"))
     }
 
+    /// Starts an agent and waits until its MQTT source has subscribed.
     pub fn start_agent(&self, o: &AgentOptions) -> anyhow::Result<Proc> {
+        let proc = self.spawn_agent(o)?;
+        // Up means subscribed (SUBACK): a message published before that
+        // would be dropped by the broker, and the test would count it lost.
+        let subscribed = wait_until(Duration::from_secs(30), || {
+            http_get(o.metrics_port, "/metrics")
+                .ok()
+                .and_then(|text| metric(&text, "edge_source_up", "source=\"mqtt\""))
+                == Some(1.0)
+        });
+        if !subscribed {
+            bail!(
+                "edge-agent {} did not subscribe within 30 s; its log:\n{}",
+                o.id,
+                proc.log_text()
+            );
+        }
+        Ok(proc)
+    }
+
+    /// Starts an agent and waits only for its metrics endpoint.
+    pub fn spawn_agent(&self, o: &AgentOptions) -> anyhow::Result<Proc> {
         let config = self.agent_config(o)?;
         let mut command = agent_command();
         command
@@ -589,21 +704,6 @@ metrics:
             self.dir.path().join(format!("agent-{}.log", o.id)),
         )?;
         proc.wait_for_port(o.metrics_port, Duration::from_secs(20))?;
-        // Up means subscribed (SUBACK): a message published before that
-        // would be dropped by the broker, and the test would count it lost.
-        let subscribed = wait_until(Duration::from_secs(30), || {
-            http_get(o.metrics_port, "/metrics")
-                .ok()
-                .and_then(|text| metric(&text, "edge_source_up", "source=\"mqtt\""))
-                == Some(1.0)
-        });
-        if !subscribed {
-            bail!(
-                "edge-agent {} did not subscribe within 30 s; its log:\n{}",
-                o.id,
-                proc.log_text()
-            );
-        }
         Ok(proc)
     }
 

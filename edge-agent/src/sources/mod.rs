@@ -6,6 +6,7 @@ pub mod can_records;
 pub mod candump_replay;
 pub mod json;
 pub mod mqtt;
+mod mqtt_session;
 pub mod topic;
 
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! MQTT source (rumqttc): subscribes, decodes payloads, writes records to the
+//! MQTT source (rumqttc's packet codec, our own connection in
+//! `mqtt_session`): subscribes, decodes payloads, writes records to the
 //! buffer and acknowledges a QoS 1 message to the broker only after its
 //! record is durable. With a persistent session (`cleanSession: false`) the
 //! broker keeps whatever the agent has not acknowledged, across agent crashes.
@@ -13,12 +14,12 @@ use edgefleet_proto::{EncodedRecord, RecordWriter};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use rumqttc::{
-    AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
-    TlsConfiguration, Transport,
+    Login, Packet, Publish, QoS, SubAck, Subscribe, SubscribeFilter, SubscribeReasonCode,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::mqtt_session::{self, Connection, SessionError, Settings};
 use super::topic::DevicePattern;
 use super::{json, Source, SourceContext, SourceError};
 use crate::uplink::Backoff;
@@ -65,27 +66,56 @@ const PROCESSOR_QUEUE: usize = 2 * MAX_MESSAGES_PER_APPEND;
 /// queue (BENCHMARKS.md, "Memory").
 const MAX_WAITING: usize = 1024;
 
+/// A QoS 1 message's packet id, with the connection it came on: a PUBACK
+/// is only ever sent on that connection. On a later one the broker may
+/// have given the id to another message, which a stale PUBACK would
+/// acknowledge before it is durable; with a persistent session the broker
+/// redelivers the message instead, and the buffer's dedupe memory knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AckId {
+    connection: u32,
+    pkid: u16,
+}
+
+/// A message read from the broker, with the connection it came on.
+struct Delivery {
+    connection: u32,
+    publish: Publish,
+}
+
+/// What the processor asks of the connection.
+enum ToSession {
+    /// PUBACKs for messages now durable, in the order they arrived.
+    Acknowledge(Vec<AckId>),
+    /// The buffer failed: reconnect, so the broker redelivers.
+    Redeliver,
+}
+
+/// How a connection's session ended, other than by a broken connection.
+enum Ended {
+    Shutdown,
+    ProcessorStopped,
+}
+
 async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> {
     let name = config.name.clone();
     let fatal = |message: String| SourceError::Fatal {
         source_name: name.clone(),
         message,
     };
-    let options = mqtt_options(&config).map_err(fatal)?;
-    let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    let settings = settings(&config).map_err(fatal)?;
     // Published messages carry their real topic, so only the SUBSCRIBE
     // names the share; routing below matches the plain filters.
-    let subscriptions: Vec<(String, QoS)> = config
-        .subscriptions
-        .iter()
-        .map(|s| {
-            let filter = match &config.shared_group {
-                Some(group) => format!("$share/{group}/{}", s.topic),
-                None => s.topic.clone(),
-            };
-            (filter, qos(s.qos))
-        })
-        .collect();
+    let mut subscribe = Subscribe::new_many(config.subscriptions.iter().map(|s| {
+        let filter = match &config.shared_group {
+            Some(group) => format!("$share/{group}/{}", s.topic),
+            None => s.topic.clone(),
+        };
+        SubscribeFilter::new(filter, qos(s.qos))
+    }));
+    // The only packet id the agent ever picks (0 is not a valid one): one
+    // SUBSCRIBE per connection, and no publishing.
+    subscribe.pkid = 1;
     let routes: Arc<Vec<Route>> = Arc::new(
         config
             .subscriptions
@@ -98,121 +128,270 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
             })
             .collect(),
     );
-    let (tx, rx) = mpsc::channel::<Publish>(PROCESSOR_QUEUE);
-    let mut processor = tokio::spawn(process(
-        rx,
-        client.clone(),
-        ctx.clone(),
-        routes,
-        name.clone(),
-    ));
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    let label = name.clone();
-    // QoS 1 messages the processor has no room for yet, in arrival order.
-    // The event loop keeps turning meanwhile, so keepalives and the
-    // processor's PUBACKs go out. At `MAX_WAITING` it is left alone until
-    // the processor catches up: the socket is not read and TCP pushes back
-    // on the broker. The processor never waits for the event loop (its
-    // PUBACKs wait in `Acks`), so it always drains this queue.
-    let mut overflow: VecDeque<Publish> = VecDeque::new();
-    let queued = ctx.metrics.source_queued(&name);
+    let (tx, rx) = mpsc::channel::<Delivery>(PROCESSOR_QUEUE);
+    // Unbounded, but never long: the session takes it first on every turn,
+    // and MQTT bounds what is unacknowledged at 65,535 messages.
+    let (to_session, mut from_processor) = mpsc::unbounded_channel::<ToSession>();
+    let mut processor = tokio::spawn(process(rx, to_session, ctx.clone(), routes, name.clone()));
+    let mut session = Session {
+        name: name.clone(),
+        ctx: ctx.clone(),
+        tx,
+        overflow: VecDeque::new(),
+        connection_id: 0,
+        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+    };
+    let mut open: Option<Connection> = None;
     loop {
-        queued.set((overflow.len() + PROCESSOR_QUEUE - tx.capacity()) as i64);
-        tokio::select! {
+        let opened = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            permit = tx.reserve(), if !overflow.is_empty() => match permit {
-                Ok(permit) => {
-                    if let Some(publish) = overflow.pop_front() {
-                        permit.send(publish);
+            opened = Connection::open(&settings) => opened,
+        };
+        let result = match opened {
+            Ok((mut connection, session_present)) => {
+                session.connection_id += 1;
+                tracing::info!(source = %name, host = %config.host, port = config.port, session_present, "MQTT connected");
+                // One SUBSCRIBE for every filter, so one SUBACK says the
+                // source is receiving; `source_up` waits for it because a
+                // broker discards what is published before a subscription.
+                let subscribed = connection
+                    .send(&[Packet::Subscribe(subscribe.clone())])
+                    .await;
+                let result = match subscribed {
+                    Ok(()) => {
+                        session
+                            .serve(
+                                &mut connection,
+                                &mut from_processor,
+                                &mut processor,
+                                &subscribe,
+                                settings.keep_alive,
+                            )
+                            .await
                     }
+                    Err(e) => Err(e),
+                };
+                if result.is_ok() {
+                    open = Some(connection);
                 }
-                Err(_) => break,
-            },
-            event = eventloop.poll(), if overflow.len() < MAX_WAITING => match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    tracing::info!(source = %name, host = %config.host, port = config.port, session_present = ack.session_present, "MQTT connected");
-                    backoff.reset();
-                    // One SUBSCRIBE for every filter, so one SUBACK says the
-                    // source is receiving; `source_up` waits for it because a
-                    // broker discards what is published before a subscription.
-                    let filters = subscriptions
-                        .iter()
-                        .map(|(topic, qos)| SubscribeFilter::new(topic.clone(), *qos));
-                    if let Err(e) = client.try_subscribe_many(filters) {
-                        tracing::error!(source = %name, error = %e, "cannot subscribe");
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let mut all_granted = true;
-                    for ((topic, _), code) in subscriptions.iter().zip(&ack.return_codes) {
-                        if matches!(code, SubscribeReasonCode::Failure) {
-                            all_granted = false;
-                            tracing::error!(source = %name, %topic, "the broker refused the subscription");
-                        }
-                    }
-                    tracing::info!(source = %name, subscriptions = subscriptions.len(), all_granted, "MQTT subscribed");
-                    ctx.metrics.source_up(&label, true);
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if publish.qos == QoS::AtMostOnce {
-                        // QoS 0 has no broker-side flow control: never let it
-                        // stall the event loop (and with it keepalives).
-                        if tx.try_send(publish).is_err() {
-                            ctx.metrics.dropped("qos0_overflow", 1);
-                        }
-                    } else if overflow.is_empty() {
-                        match tx.try_send(publish) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(publish)) => overflow.push_back(publish),
-                            Err(mpsc::error::TrySendError::Closed(_)) => break,
-                        }
-                    } else {
-                        overflow.push_back(publish);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    ctx.metrics.source_up(&label, false);
-                    ctx.metrics.source_reconnect(&label);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(source = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
-                    tokio::select! {
-                        _ = ctx.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            },
-            _ = &mut processor => {
+                result
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Ended::Shutdown) => break,
+            Ok(Ended::ProcessorStopped) => {
                 return Err(fatal("the message processor stopped".into()));
             }
-        }
-    }
-    queued.set(0);
-    // Shutdown: take no more messages, let the processor make the received
-    // ones durable and acknowledge them, and keep the event loop turning so
-    // those acknowledgements reach the broker. Unacknowledged messages stay
-    // with the broker for next time.
-    drop(tx);
-    let deadline = tokio::time::sleep(Duration::from_secs(10));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut processor => break,
-            _ = &mut deadline => break,
-            event = eventloop.poll() => if event.is_err() { break },
-        }
-    }
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(event) = eventloop.poll().await {
-            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                break;
+            Err(e) => {
+                ctx.metrics.source_up(&name, false);
+                ctx.metrics.source_reconnect(&name);
+                let delay = session.backoff.next_delay();
+                tracing::warn!(source = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
         }
-    })
-    .await;
-    ctx.metrics.source_up(&label, false);
+    }
+    ctx.metrics.source_queued(&name).set(0);
+    // Shutdown: take no more messages, let the processor make the received
+    // ones durable and acknowledge them on the open connection. Messages
+    // not acknowledged stay with the broker for next time.
+    let connection_id = session.connection_id;
+    drop(session);
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    let mut discarded = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            message = from_processor.recv() => match (message, open.as_mut()) {
+                (None, _) => break,
+                (Some(ToSession::Acknowledge(ids)), Some(connection)) => {
+                    if connection.acknowledge(&current_ids(&ids, connection_id)).await.is_err() {
+                        open = None;
+                    }
+                }
+                (Some(_), _) => {}
+            },
+            _ = &mut deadline => break,
+            // Keep reading so the broker's PINGRESPs and anything else it
+            // sends do not back up; messages read now are not acknowledged.
+            read = async {
+                match open.as_mut() {
+                    Some(connection) => connection.read_packets(&mut discarded).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                discarded.clear();
+                if read.is_err() {
+                    open = None;
+                }
+            }
+        }
+    }
+    if let Some(connection) = open.as_mut() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            connection.send(&[Packet::Disconnect]),
+        )
+        .await;
+    }
+    ctx.metrics.source_up(&name, false);
     Ok(())
+}
+
+/// The packet ids among `ids` that came on `connection`.
+fn current_ids(ids: &[AckId], connection: u32) -> Vec<u16> {
+    ids.iter()
+        .filter(|id| id.connection == connection)
+        .map(|id| id.pkid)
+        .collect()
+}
+
+/// The connection side of the source: hands messages to the processor and
+/// sends its PUBACKs.
+struct Session {
+    name: String,
+    ctx: SourceContext,
+    tx: mpsc::Sender<Delivery>,
+    /// QoS 1 messages the processor has no room for yet, in arrival order.
+    /// The connection keeps being served meanwhile, so keepalives and the
+    /// processor's PUBACKs go out. At `MAX_WAITING` the socket is left
+    /// unread until the processor catches up, and TCP pushes back on the
+    /// broker. The processor never waits for the connection, so it always
+    /// drains this queue. Kept across reconnections: these messages are
+    /// received, and with a clean session the broker has forgotten them.
+    overflow: VecDeque<Delivery>,
+    /// Counts connections, so PUBACKs go only where their message came from.
+    connection_id: u32,
+    backoff: Backoff,
+}
+
+impl Session {
+    /// Serves one open connection until shutdown, or until it fails.
+    async fn serve(
+        &mut self,
+        connection: &mut Connection,
+        from_processor: &mut mpsc::UnboundedReceiver<ToSession>,
+        processor: &mut tokio::task::JoinHandle<()>,
+        subscribe: &Subscribe,
+        keep_alive: Duration,
+    ) -> Result<Ended, SessionError> {
+        let name = self.name.clone();
+        let queued = self.ctx.metrics.source_queued(&name);
+        let mut packets = Vec::new();
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut awaiting_pingresp = false;
+        // Own handles, so the branches do not hold `self` while their
+        // handlers use it.
+        let shutdown = self.ctx.shutdown.clone();
+        let tx = self.tx.clone();
+        loop {
+            queued.set((self.overflow.len() + PROCESSOR_QUEUE - self.tx.capacity()) as i64);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                Some(message) = from_processor.recv() => {
+                    let mut ids = Vec::new();
+                    let mut redeliver = false;
+                    let mut take = |message| match message {
+                        ToSession::Acknowledge(more) => ids.extend(current_ids(&more, self.connection_id)),
+                        ToSession::Redeliver => redeliver = true,
+                    };
+                    take(message);
+                    // Every PUBACK that is due goes out in one write.
+                    while let Ok(message) = from_processor.try_recv() {
+                        take(message);
+                    }
+                    if !ids.is_empty() {
+                        connection.acknowledge(&ids).await?;
+                    }
+                    if redeliver {
+                        return Err(SessionError::Redeliver);
+                    }
+                }
+                permit = tx.reserve(), if !self.overflow.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(delivery) = self.overflow.pop_front() {
+                            permit.send(delivery);
+                        }
+                    }
+                    Err(_) => return Ok(Ended::ProcessorStopped),
+                },
+                read = connection.read_packets(&mut packets), if self.overflow.len() < MAX_WAITING => {
+                    read?;
+                    for packet in packets.drain(..) {
+                        match packet {
+                            Packet::Publish(publish) => {
+                                if !self.deliver(publish) {
+                                    return Ok(Ended::ProcessorStopped);
+                                }
+                            }
+                            Packet::SubAck(ack) => self.subscribed(subscribe, &ack),
+                            Packet::PingResp => awaiting_pingresp = false,
+                            other => tracing::debug!(source = %name, packet = mqtt_session::kind(&other), "ignored a packet from the broker"),
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    // While the socket is left unread the PINGRESP waits in
+                    // it; the broker, not us, ends a session gone quiet then.
+                    if awaiting_pingresp && self.overflow.len() < MAX_WAITING {
+                        return Err(SessionError::KeepAlive(keep_alive));
+                    }
+                    connection.send(&[Packet::PingReq]).await?;
+                    awaiting_pingresp = true;
+                }
+                _ = &mut *processor => return Ok(Ended::ProcessorStopped),
+            }
+        }
+    }
+
+    /// Hands a message to the processor; false once the processor is gone.
+    fn deliver(&mut self, publish: Publish) -> bool {
+        let delivery = Delivery {
+            connection: self.connection_id,
+            publish,
+        };
+        if delivery.publish.qos == QoS::AtMostOnce {
+            // QoS 0 has no broker-side flow control: never let it stall
+            // the connection (and with it keepalives).
+            if self.tx.try_send(delivery).is_err() {
+                self.ctx.metrics.dropped("qos0_overflow", 1);
+            }
+            return true;
+        }
+        if !self.overflow.is_empty() {
+            self.overflow.push_back(delivery);
+            return true;
+        }
+        match self.tx.try_send(delivery) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(delivery)) => {
+                self.overflow.push_back(delivery);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn subscribed(&mut self, subscribe: &Subscribe, ack: &SubAck) {
+        let mut all_granted = true;
+        for (filter, code) in subscribe.filters.iter().zip(&ack.return_codes) {
+            if matches!(code, SubscribeReasonCode::Failure) {
+                all_granted = false;
+                tracing::error!(source = %self.name, topic = %filter.path, "the broker refused the subscription");
+            }
+        }
+        tracing::info!(source = %self.name, subscriptions = subscribe.filters.len(), all_granted, "MQTT subscribed");
+        self.backoff.reset();
+        self.ctx.metrics.source_up(&self.name, true);
+    }
 }
 
 fn qos(level: u8) -> QoS {
@@ -223,160 +402,108 @@ fn qos(level: u8) -> QoS {
     }
 }
 
-fn mqtt_options(config: &MqttConfig) -> Result<MqttOptions, String> {
-    let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
-    options
-        .set_keep_alive(Duration::from_secs(config.keep_alive_secs.into()))
-        .set_clean_session(config.clean_session)
-        .set_manual_acks(true)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    if let Some(user) = &config.username {
-        let password = match &config.password_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read passwordFile {path}: {e}"))?
-                .trim_end()
-                .to_string(),
-            None => String::new(),
-        };
-        options.set_credentials(user, password);
-    }
-    if let Some(tls) = &config.tls {
-        let ca = edgefleet_pki::load::certs(std::path::Path::new(&tls.ca_file))
-            .map_err(|e| e.to_string())?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in ca {
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", tls.ca_file))?;
+fn settings(config: &MqttConfig) -> Result<Settings, String> {
+    let login = match &config.username {
+        Some(user) => {
+            let password = match &config.password_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read passwordFile {path}: {e}"))?
+                    .trim_end()
+                    .to_string(),
+                None => String::new(),
+            };
+            Some(Login::new(user, password))
         }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-        let client_config = match (&tls.cert_file, &tls.key_file) {
-            (Some(cert), Some(key)) => builder
-                .with_client_auth_cert(
-                    edgefleet_pki::load::certs(std::path::Path::new(cert))
-                        .map_err(|e| e.to_string())?,
-                    edgefleet_pki::load::private_key(std::path::Path::new(key))
-                        .map_err(|e| e.to_string())?,
-                )
-                .map_err(|e| format!("MQTT client certificate: {e}"))?,
-            _ => builder.with_no_client_auth(),
-        };
-        options.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(
-            client_config,
-        ))));
-    }
-    Ok(options)
+        None => None,
+    };
+    let tls = match &config.tls {
+        Some(tls) => {
+            let ca = edgefleet_pki::load::certs(std::path::Path::new(&tls.ca_file))
+                .map_err(|e| e.to_string())?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in ca {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", tls.ca_file))?;
+            }
+            let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+            let client_config = match (&tls.cert_file, &tls.key_file) {
+                (Some(cert), Some(key)) => builder
+                    .with_client_auth_cert(
+                        edgefleet_pki::load::certs(std::path::Path::new(cert))
+                            .map_err(|e| e.to_string())?,
+                        edgefleet_pki::load::private_key(std::path::Path::new(key))
+                            .map_err(|e| e.to_string())?,
+                    )
+                    .map_err(|e| format!("MQTT client certificate: {e}"))?,
+                _ => builder.with_no_client_auth(),
+            };
+            Some(Arc::new(client_config))
+        }
+        None => None,
+    };
+    Ok(Settings {
+        host: config.host.clone(),
+        port: config.port,
+        client_id: config.client_id.clone(),
+        clean_session: config.clean_session,
+        keep_alive: Duration::from_secs(config.keep_alive_secs.into()),
+        login,
+        tls,
+    })
 }
 
 type Pending = BoxFuture<
     'static,
     (
-        Vec<u16>,
+        Vec<AckId>,
         Result<Vec<Option<Outcome>>, edgefleet_buffer::BufferError>,
     ),
 >;
 
 /// Decodes messages, appends them in groups and acknowledges them in order.
 async fn process(
-    mut rx: mpsc::Receiver<Publish>,
-    client: AsyncClient,
+    mut rx: mpsc::Receiver<Delivery>,
+    to_session: mpsc::UnboundedSender<ToSession>,
     ctx: SourceContext,
     routes: Arc<Vec<Route>>,
     name: String,
 ) {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    let mut acks = Acks::default();
     let mut open = true;
     while open || !pending.is_empty() {
         tokio::select! {
             biased;
-            Some((packet_ids, result)) = pending.next(), if !pending.is_empty() => {
-                acknowledge(&client, &ctx, &name, &mut acks, packet_ids, result).await;
+            Some((ack_ids, result)) = pending.next(), if !pending.is_empty() => {
+                acknowledge(&to_session, &ctx, &name, ack_ids, result).await;
             }
-            // The client's request queue was full: try again shortly (the
-            // event loop empties it whenever the source reads the broker).
-            _ = tokio::time::sleep(ACK_RETRY), if !acks.is_empty() => acks.send(&client),
             first = rx.recv(), if open && pending.len() < MAX_APPENDS_IN_FLIGHT => {
                 let Some(first) = first else { open = false; continue };
-                let mut publishes = vec![first];
-                while publishes.len() < MAX_MESSAGES_PER_APPEND {
+                let mut deliveries = vec![first];
+                while deliveries.len() < MAX_MESSAGES_PER_APPEND {
                     match rx.try_recv() {
-                        Ok(p) => publishes.push(p),
+                        Ok(d) => deliveries.push(d),
                         Err(_) => break,
                     }
                 }
-                pending.push_back(append(&ctx, &routes, &name, publishes));
-            }
-        }
-    }
-    // Shutdown: the source keeps the event loop turning until this returns.
-    let _ = tokio::time::timeout(Duration::from_secs(5), acks.drain(&client)).await;
-}
-
-const ACK_RETRY: Duration = Duration::from_millis(10);
-
-/// PUBACKs not yet taken by the client (packet ids of QoS 1 messages), in
-/// the order MQTT requires (that of the messages). Sent without waiting: a
-/// processor that waited for the client's request queue would wait for the
-/// event loop, which the source leaves alone while the processor is behind.
-/// rumqttc sends one request per turn of its event loop, after every packet
-/// it has read, so PUBACKs lag behind a busy broker; a packet id is all
-/// each one keeps, and MQTT allows at most 65,535 unacknowledged messages.
-#[derive(Default)]
-struct Acks(VecDeque<u16>);
-
-impl Acks {
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn push(&mut self, client: &AsyncClient, packet_ids: Vec<u16>) {
-        self.0.extend(packet_ids);
-        self.send(client);
-    }
-
-    fn send(&mut self, client: &AsyncClient) {
-        while let Some(&pkid) = self.0.front() {
-            // Fails when the queue is full, or closed (the event loop is
-            // gone, and the broker will redeliver to the next connection).
-            if client.try_ack(&ack_of(pkid)).is_err() {
-                return;
-            }
-            self.0.pop_front();
-        }
-    }
-
-    async fn drain(&mut self, client: &AsyncClient) {
-        while let Some(pkid) = self.0.pop_front() {
-            if client.ack(&ack_of(pkid)).await.is_err() {
-                return;
+                pending.push_back(append(&ctx, &routes, &name, deliveries));
             }
         }
     }
 }
 
-/// A message to hand rumqttc's `ack`, which reads only its QoS and packet
-/// id: no topic or payload (the payload shares an allocation with the
-/// client's read buffer, so holding messages until their append was durable
-/// held whole read buffers).
-fn ack_of(pkid: u16) -> Publish {
-    let mut publish = Publish::new("", QoS::AtLeastOnce, Vec::new());
-    publish.pkid = pkid;
-    publish
-}
-
-fn append(ctx: &SourceContext, routes: &[Route], name: &str, publishes: Vec<Publish>) -> Pending {
+fn append(ctx: &SourceContext, routes: &[Route], name: &str, deliveries: Vec<Delivery>) -> Pending {
     // `None` marks a message that did not decode: it is dead-lettered and
     // acknowledged in its turn, and never blocks the ones behind it.
-    let mut slots = Vec::with_capacity(publishes.len());
-    let mut incoming = Vec::with_capacity(publishes.len());
+    let mut slots = Vec::with_capacity(deliveries.len());
+    let mut incoming = Vec::with_capacity(deliveries.len());
     let mut signals = RecordWriter::new();
-    for publish in &publishes {
+    for Delivery { publish, .. } in &deliveries {
         match to_record(routes, name, publish, &mut signals) {
             Ok(record) => {
                 let dedupe = (publish.qos != QoS::AtMostOnce).then(|| DedupeKey {
@@ -405,12 +532,18 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, publishes: Vec<Publ
         }
     }
     // Only QoS 1 messages are acknowledged (subscriptions are QoS 0 or 1).
-    let packet_ids: Vec<u16> = publishes
+    // The messages themselves are dropped here: their payloads are slices
+    // of the connection's read buffer, which they would keep alive until
+    // the append is durable.
+    let ack_ids: Vec<AckId> = deliveries
         .iter()
-        .filter(|p| p.qos != QoS::AtMostOnce)
-        .map(|p| p.pkid)
+        .filter(|d| d.publish.qos != QoS::AtMostOnce)
+        .map(|d| AckId {
+            connection: d.connection,
+            pkid: d.publish.pkid,
+        })
         .collect();
-    drop(publishes);
+    drop(deliveries);
     let buffer = ctx.buffer.clone();
     Box::pin(async move {
         let result = if incoming.is_empty() {
@@ -425,16 +558,15 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, publishes: Vec<Publ
                 .map(|decoded| if decoded { outcomes.next() } else { None })
                 .collect()
         });
-        (packet_ids, result)
+        (ack_ids, result)
     })
 }
 
 async fn acknowledge(
-    client: &AsyncClient,
+    to_session: &mpsc::UnboundedSender<ToSession>,
     ctx: &SourceContext,
     name: &str,
-    acks: &mut Acks,
-    packet_ids: Vec<u16>,
+    ack_ids: Vec<AckId>,
     result: Result<Vec<Option<Outcome>>, edgefleet_buffer::BufferError>,
 ) {
     match result {
@@ -444,15 +576,15 @@ async fn acknowledge(
                 .filter(|o| matches!(o, Some(Outcome::Stored(_))))
                 .count();
             ctx.metrics.records_in(name, stored as u64);
-            acks.push(client, packet_ids);
+            let _ = to_session.send(ToSession::Acknowledge(ack_ids));
         }
         Err(e) => {
             // Not acknowledged, so the broker keeps the messages; reconnect so
             // it redelivers them once the buffer can take them again.
-            tracing::error!(source = %name, error = %e, messages = packet_ids.len(), "cannot buffer messages; leaving them with the broker");
+            tracing::error!(source = %name, error = %e, messages = ack_ids.len(), "cannot buffer messages; leaving them with the broker");
             ctx.metrics.dropped("buffer_error_retried", 0);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = client.try_disconnect();
+            let _ = to_session.send(ToSession::Redeliver);
         }
     }
 }
