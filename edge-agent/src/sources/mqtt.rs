@@ -210,7 +210,8 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
             message = from_processor.recv() => match (message, open.as_mut()) {
                 (None, _) => break,
                 (Some(ToSession::Acknowledge(ids)), Some(connection)) => {
-                    if connection.acknowledge(&current_ids(&ids, connection_id)).await.is_err() {
+                    let ids = current_ids(&ids, connection_id);
+                    if !ids.is_empty() && connection.acknowledge(&ids).await.is_err() {
                         open = None;
                     }
                 }
