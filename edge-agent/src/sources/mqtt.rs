@@ -222,7 +222,7 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
             // sends do not back up; messages read now are not acknowledged.
             read = async {
                 match open.as_mut() {
-                    Some(connection) => connection.read_packets(&mut discarded).await,
+                    Some(connection) => connection.read_packets(&mut discarded, usize::MAX).await,
                     None => std::future::pending().await,
                 }
             } => {
@@ -324,7 +324,9 @@ impl Session {
                     }
                     Err(_) => return Ok(Ended::ProcessorStopped),
                 },
-                read = connection.read_packets(&mut packets), if self.overflow.len() < MAX_WAITING => {
+                // At most what the overflow has room for: a read of small
+                // messages holds hundreds, which stay unparsed until asked.
+                read = connection.read_packets(&mut packets, MAX_WAITING - self.overflow.len()), if self.overflow.len() < MAX_WAITING => {
                     read?;
                     for packet in packets.drain(..) {
                         match packet {

@@ -184,11 +184,17 @@ impl Connection {
         Ok(())
     }
 
-    /// Appends every whole packet the broker has sent to `out`, reading
-    /// from the socket only when none is buffered. Cancel safe: a cancelled
-    /// read leaves what it had read in the buffer.
-    pub async fn read_packets(&mut self, out: &mut Vec<Packet>) -> Result<(), SessionError> {
-        while self.parse_buffered(out)? == 0 {
+    /// Appends up to `max` (at least one) whole packets the broker has sent
+    /// to `out`, reading from the socket only when none is buffered; the
+    /// rest stay in the buffer, unparsed, so a caller that stops asking
+    /// holds no more than it asked for. Cancel safe: a cancelled read
+    /// leaves what it had read in the buffer.
+    pub async fn read_packets(
+        &mut self,
+        out: &mut Vec<Packet>,
+        max: usize,
+    ) -> Result<(), SessionError> {
+        while self.parse_buffered(out, max.max(1))? == 0 {
             self.fill().await?;
         }
         Ok(())
@@ -213,10 +219,13 @@ impl Connection {
         Ok(())
     }
 
-    fn parse_buffered(&mut self, out: &mut Vec<Packet>) -> Result<usize, SessionError> {
+    fn parse_buffered(&mut self, out: &mut Vec<Packet>, max: usize) -> Result<usize, SessionError> {
         let before = out.len();
-        while let Some(packet) = self.parse_one()? {
-            out.push(packet);
+        while out.len() - before < max {
+            match self.parse_one()? {
+                Some(packet) => out.push(packet),
+                None => break,
+            }
         }
         Ok(out.len() - before)
     }
