@@ -258,3 +258,162 @@ pub fn kind(packet: &Packet) -> &'static str {
         Packet::Disconnect => "DISCONNECT",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A scripted peer on loopback stands in for the broker here: these
+    //! tests need a broker that sends malformed packets, refuses a client
+    //! or sends many packets in one write on cue, which Mosquitto does not
+    //! do. Everything a real broker does is in tests/tests/mqtt_session.rs.
+
+    use super::*;
+    use rumqttc::{ConnAck, PubAck, Publish, QoS};
+    use tokio::net::TcpListener;
+
+    fn settings(port: u16) -> Settings {
+        Settings {
+            host: "127.0.0.1".into(),
+            port,
+            client_id: "unit".into(),
+            clean_session: false,
+            keep_alive: Duration::from_secs(30),
+            login: None,
+            tls: None,
+        }
+    }
+
+    fn encode(packets: &[Packet]) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        for packet in packets {
+            packet.write(&mut buf, MAX_PACKET).unwrap();
+        }
+        buf.to_vec()
+    }
+
+    fn publish(pkid: u16) -> Packet {
+        let mut publish = Publish::new("devices/d/telemetry", QoS::AtLeastOnce, vec![b'x'; 40]);
+        publish.pkid = pkid;
+        Packet::Publish(publish)
+    }
+
+    /// A peer that reads the CONNECT, writes `reply` in one write, then
+    /// returns everything the client sends until it closes.
+    async fn peer(reply: Vec<u8>) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        scripted_peer(reply, true).await
+    }
+
+    /// With `listen_on` false the peer closes right after its reply.
+    async fn scripted_peer(
+        reply: Vec<u8>,
+        listen_on: bool,
+    ) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut connect = BytesMut::new();
+            while !matches!(
+                Packet::read(&mut connect, MAX_PACKET),
+                Ok(Packet::Connect(_))
+            ) {
+                assert!(socket.read_buf(&mut connect).await.unwrap() > 0);
+            }
+            socket.write_all(&reply).await.unwrap();
+            let mut rest = Vec::new();
+            if listen_on {
+                let _ = socket.read_to_end(&mut rest).await;
+            }
+            rest
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn packets_behind_the_connack_are_kept_and_handed_out_no_more_than_asked() {
+        let mut reply = encode(&[Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            true,
+        ))]);
+        reply.extend(encode(&(1..=5).map(publish).collect::<Vec<_>>()));
+        let (port, peer) = peer(reply).await;
+        let (mut connection, session_present) = Connection::open(&settings(port)).await.unwrap();
+        assert!(session_present);
+        let mut got = Vec::new();
+        for expected in [2, 2, 1] {
+            let before = got.len();
+            connection.read_packets(&mut got, 2).await.unwrap();
+            assert_eq!(got.len() - before, expected);
+        }
+        let ids: Vec<u16> = got
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.pkid,
+                other => panic!("{}", kind(other)),
+            })
+            .collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5]);
+        // One write for all of them, in order.
+        connection.acknowledge(&ids).await.unwrap();
+        drop(connection);
+        let sent = peer.await.unwrap();
+        assert_eq!(
+            sent,
+            encode(
+                &ids.iter()
+                    .map(|&id| Packet::PubAck(PubAck::new(id)))
+                    .collect::<Vec<_>>()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_says_why() {
+        let reply = encode(&[Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::NotAuthorized,
+            false,
+        ))]);
+        let (port, _peer) = peer(reply).await;
+        let error = Connection::open(&settings(port)).await.err().unwrap();
+        assert!(
+            matches!(
+                error,
+                SessionError::Refused(ConnectReturnCode::NotAuthorized)
+            ),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_packet_is_an_error_not_a_panic() {
+        let mut reply = encode(&[Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            false,
+        ))]);
+        // Packet type 0 is reserved; then a remaining length that never ends.
+        reply.extend([0x00, 0x00]);
+        let (port, _peer) = peer(reply).await;
+        let (mut connection, _) = Connection::open(&settings(port)).await.unwrap();
+        let error = connection
+            .read_packets(&mut Vec::new(), 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SessionError::Malformed(_)), "{error}");
+        assert!(error
+            .to_string()
+            .starts_with("malformed packet from the broker"));
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_and_a_first_packet_other_than_connack_are_named() {
+        let (port, _peer) = peer(encode(&[publish(7)])).await;
+        let error = Connection::open(&settings(port)).await.err().unwrap();
+        assert!(
+            matches!(error, SessionError::NotConnAck("PUBLISH")),
+            "{error}"
+        );
+
+        let (port, _peer) = scripted_peer(Vec::new(), false).await;
+        let error = Connection::open(&settings(port)).await.err().unwrap();
+        assert!(matches!(error, SessionError::Closed), "{error}");
+    }
+}
