@@ -25,6 +25,28 @@ pub fn cpu_seconds(pid: i32) -> f64 {
     ticks / clock_ticks()
 }
 
+/// Busy and total CPU seconds of the whole machine so far, all cores
+/// together (`/proc/stat`; idle and I/O wait count as not busy).
+pub fn machine_cpu_seconds() -> (f64, f64) {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
+        return (0.0, 0.0);
+    };
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0.0, 0.0);
+    };
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already inside user, so the guest fields after them are left out).
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / clock_ticks(), total / clock_ticks())
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

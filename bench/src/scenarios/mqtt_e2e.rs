@@ -29,6 +29,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
 
     // The broker's ceiling: the same publishers, a subscriber that only counts.
     let counter = Counter::start(port).await?;
+    let broker_pid = fleet.mqtt.proc.pid();
+    let ceiling_cpu0 = CpuUse::now(broker_pid, None);
     let started = Instant::now();
     let published = mqtt::publish(port, PUBLISHERS, DEVICES, phase, None, "ceiling").await?;
     wait_until(Duration::from_secs(60), || {
@@ -36,7 +38,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     })
     .await;
     let ceiling = counter.count() as f64 / started.elapsed().as_secs_f64();
-    let broker_cpu_ceiling = sys::cpu_seconds(fleet.mqtt.proc.pid());
+    let ceiling_cpu = CpuUse::now(broker_pid, None).since(&ceiling_cpu0);
+    let ceiling_messages = counter.count() as f64;
     // The broker's own latency at half its ceiling: what the agent's
     // half-load latency would be with an agent that cost nothing.
     counter.take_latency();
@@ -86,7 +89,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     });
 
     // Full load.
-    let cpu0 = (sys::cpu_seconds(agent_pid), sys::cpu_seconds(ingest_pid));
+    let cpu0 = CpuUse::now(broker_pid, Some((agent_pid, ingest_pid)));
     let full_start_ns = mqtt::now_ns();
     let full = mqtt::publish(port, PUBLISHERS, DEVICES, phase, None, "full").await?;
     let full_end_ns = mqtt::now_ns();
@@ -98,7 +101,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         fleet.stored()
     );
     let full_done = origin.elapsed().as_secs_f64();
-    let cpu1 = (sys::cpu_seconds(agent_pid), sys::cpu_seconds(ingest_pid));
+    let full_cpu = CpuUse::now(broker_pid, Some((agent_pid, ingest_pid))).since(&cpu0);
     let samples = sampler.samples();
     // Sustained: from 20 % into the phase until the last record was stored
     // (the broker holds whatever the agent has not taken yet, so the agent
@@ -259,13 +262,45 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     }
     result.figure(
         "agent CPU per million records",
-        (cpu1.0 - cpu0.0) / records * 1e6,
+        full_cpu.agent / records * 1e6,
         "CPU s",
     );
     result.figure(
         "ingest CPU per million records",
-        (cpu1.1 - cpu0.1) / records * 1e6,
+        full_cpu.ingest / records * 1e6,
         "CPU s",
+    );
+    // Where the cores went in each phase: what the agent and the ingest
+    // cost in the full-load phase is what the counting subscriber did not.
+    result.figure(
+        "full load: broker CPU per million records",
+        full_cpu.broker / records * 1e6,
+        "CPU s",
+    );
+    result.figure(
+        "full load: bench process (publishers) CPU per million records",
+        full_cpu.bench / records * 1e6,
+        "CPU s",
+    );
+    result.figure(
+        "full load: machine busy (all cores)",
+        100.0 * full_cpu.busy / full_cpu.total.max(f64::MIN_POSITIVE),
+        "%",
+    );
+    result.figure(
+        "ceiling phase: broker CPU per million messages",
+        ceiling_cpu.broker / ceiling_messages.max(1.0) * 1e6,
+        "CPU s",
+    );
+    result.figure(
+        "ceiling phase: bench process (publishers, counting subscriber) CPU per million messages",
+        ceiling_cpu.bench / ceiling_messages.max(1.0) * 1e6,
+        "CPU s",
+    );
+    result.figure(
+        "ceiling phase: machine busy (all cores)",
+        100.0 * ceiling_cpu.busy / ceiling_cpu.total.max(f64::MIN_POSITIVE),
+        "%",
     );
     result.figure("agent peak RSS", mib(agent_peak), "MiB");
     result.figure("ingest peak RSS", mib(ingest_peak), "MiB");
@@ -277,8 +312,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     ));
     result.note("Stored time is the commit's timestamp in the store's time index, taken just before the commit's write and fsync; publish time is the timestamp the publisher put in the payload (same clock).");
     result.note(format!(
-        "Mosquitto used {:.1} CPU s during the ceiling phase; the machine has {} cores shared by the broker, the publishers, the agent and the ingest.",
-        broker_cpu_ceiling, ctx.machine.cores
+        "The machine has {} cores shared by the broker, the bench process (publishers, and in the ceiling phase the counting subscriber), the agent and the ingest; \"machine busy\" counts all of them, idle and I/O wait not.",
+        ctx.machine.cores
     ));
     result
         .throughput
@@ -303,4 +338,44 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     });
     drop(store);
     Ok(result)
+}
+
+/// CPU seconds so far of the processes that share the machine in this
+/// scenario, and of the machine itself.
+struct CpuUse {
+    broker: f64,
+    bench: f64,
+    agent: f64,
+    ingest: f64,
+    busy: f64,
+    total: f64,
+}
+
+impl CpuUse {
+    fn now(broker: i32, agent_and_ingest: Option<(i32, i32)>) -> Self {
+        let (busy, total) = sys::machine_cpu_seconds();
+        let (agent, ingest) = agent_and_ingest.map_or((0.0, 0.0), |(agent, ingest)| {
+            (sys::cpu_seconds(agent), sys::cpu_seconds(ingest))
+        });
+        CpuUse {
+            broker: sys::cpu_seconds(broker),
+            // pid 0 reads /proc/self: this process, publishers and all.
+            bench: sys::cpu_seconds(0),
+            agent,
+            ingest,
+            busy,
+            total,
+        }
+    }
+
+    fn since(&self, earlier: &CpuUse) -> CpuUse {
+        CpuUse {
+            broker: self.broker - earlier.broker,
+            bench: self.bench - earlier.bench,
+            agent: self.agent - earlier.agent,
+            ingest: self.ingest - earlier.ingest,
+            busy: self.busy - earlier.busy,
+            total: self.total - earlier.total,
+        }
+    }
 }
