@@ -260,42 +260,35 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     ) {
         result.figures.push(f);
     }
-    result.figure(
-        "agent CPU per million records",
-        full_cpu.agent / records * 1e6,
-        "CPU s",
-    );
-    result.figure(
-        "ingest CPU per million records",
-        full_cpu.ingest / records * 1e6,
-        "CPU s",
-    );
     // Where the cores went in each phase: what the agent and the ingest
     // cost in the full-load phase is what the counting subscriber did not.
-    result.figure(
-        "full load: broker CPU per million records",
-        full_cpu.broker / records * 1e6,
-        "CPU s",
-    );
-    result.figure(
-        "full load: bench process (publishers) CPU per million records",
-        full_cpu.bench / records * 1e6,
-        "CPU s",
-    );
+    let ceiling_messages = ceiling_messages.max(1.0);
+    for (name, cpu_seconds, messages) in [
+        ("agent CPU per million records", full_cpu.agent, records),
+        ("ingest CPU per million records", full_cpu.ingest, records),
+        ("full load: broker CPU per million records", full_cpu.broker, records),
+        (
+            "full load: bench process (publishers) CPU per million records",
+            full_cpu.bench,
+            records,
+        ),
+        (
+            "ceiling phase: broker CPU per million messages",
+            ceiling_cpu.broker,
+            ceiling_messages,
+        ),
+        (
+            "ceiling phase: bench process (publishers, counting subscriber) CPU per million messages",
+            ceiling_cpu.bench,
+            ceiling_messages,
+        ),
+    ] {
+        result.figure(name, cpu_seconds / messages * 1e6, "CPU s");
+    }
     result.figure(
         "full load: machine busy (all cores)",
         100.0 * full_cpu.busy / full_cpu.total.max(f64::MIN_POSITIVE),
         "%",
-    );
-    result.figure(
-        "ceiling phase: broker CPU per million messages",
-        ceiling_cpu.broker / ceiling_messages.max(1.0) * 1e6,
-        "CPU s",
-    );
-    result.figure(
-        "ceiling phase: bench process (publishers, counting subscriber) CPU per million messages",
-        ceiling_cpu.bench / ceiling_messages.max(1.0) * 1e6,
-        "CPU s",
     );
     result.figure(
         "ceiling phase: machine busy (all cores)",
