@@ -210,8 +210,7 @@ async fn run(config: MqttConfig, ctx: SourceContext) -> Result<(), SourceError> 
             message = from_processor.recv() => match (message, open.as_mut()) {
                 (None, _) => break,
                 (Some(ToSession::Acknowledge(ids)), Some(connection)) => {
-                    let ids = current_ids(&ids, connection_id);
-                    if !ids.is_empty() && connection.acknowledge(&ids).await.is_err() {
+                    if connection.acknowledge(&current_ids(&ids, connection_id)).await.is_err() {
                         open = None;
                     }
                 }
@@ -309,9 +308,7 @@ impl Session {
                     while let Ok(message) = from_processor.try_recv() {
                         take(message);
                     }
-                    if !ids.is_empty() {
-                        connection.acknowledge(&ids).await?;
-                    }
+                    connection.acknowledge(&ids).await?;
                     if redeliver {
                         return Err(SessionError::Redeliver);
                     }

@@ -158,8 +158,12 @@ impl Connection {
         self.write_out().await
     }
 
-    /// Writes one PUBACK for each packet id, in order, with one write.
+    /// Writes one PUBACK for each packet id, in order, with one write (none
+    /// for no ids).
     pub async fn acknowledge(&mut self, packet_ids: &[u16]) -> Result<(), SessionError> {
+        if packet_ids.is_empty() {
+            return Ok(());
+        }
         self.write_buf.clear();
         self.write_buf.reserve(packet_ids.len() * 4);
         for &pkid in packet_ids {
