@@ -18,6 +18,12 @@
 //!   is one the uplink never had and the drop counter stays exact. A segment
 //!   that straddles the reservation is never dropped: its unsent tail stays
 //!   while newer segments may go, a small departure from strict age order.
+//!   When no segment on disk is left to drop, the group being gathered
+//!   gives up its own sealed segments, oldest first: a group can hold more
+//!   than the cap's free room (a slow disk lets many appends gather), and
+//!   without this the newest records were the ones turned away. Their
+//!   appends were answered `Stored`, so they count as stored and then
+//!   dropped, like any record dropped from disk.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -225,10 +231,21 @@ struct Group {
     /// (unapplied) batch; sled still shows them.
     drop_start: u64,
     drop_cursor: u64,
+    /// Segments sealed into this (unapplied) batch, oldest first, and how
+    /// many of them `DropOldest` has taken back out.
+    sealed: Vec<SealedSegment>,
+    sealed_dropped: usize,
     dead: Vec<DeadLetter>,
     /// Whether anything in the group has someone waiting for its commit
     /// (everything but [`crate::Buffer::ack_soon`]).
     awaited: bool,
+}
+
+/// A segment in a group's batch, not yet on disk.
+struct SealedSegment {
+    first: u64,
+    last: u64,
+    bytes: u64,
 }
 
 impl Committer {
@@ -531,7 +548,7 @@ impl Committer {
             }
             let starts_segment = segment::starts_new(self.segment.measure(), len);
             if starts_segment {
-                self.seal_segment(&mut group.batch);
+                self.seal_segment(group);
             }
             let header = if starts_segment {
                 segment::HEADER_LEN as u64
@@ -599,6 +616,23 @@ impl Committer {
             cursor = last + 1;
         }
         group.drop_cursor = cursor;
+        // Then the group's own segments: they are newer than anything on
+        // disk, but older than the record that needs the room.
+        let floor = self.sent_reserved.max(group.ack_floor);
+        while self.levels.bytes + size > self.options.max_bytes {
+            let Some(s) = group.sealed.get(group.sealed_dropped) else {
+                break;
+            };
+            debug_assert!(s.first > floor, "a group's records are never sent");
+            if s.first <= floor {
+                break;
+            }
+            group.sealed_dropped += 1;
+            group.batch.remove(&keys::segment(s.first, s.last));
+            self.levels.bytes = self.levels.bytes.saturating_sub(s.bytes);
+            self.levels.records -= s.last - s.first + 1;
+            dropped += s.last - s.first + 1;
+        }
         if dropped > 0 {
             self.counters
                 .dropped_full
@@ -656,22 +690,28 @@ impl Committer {
     /// records were counted at their size uncompressed (a record must be
     /// judged against the cap before its segment is complete); the level now
     /// takes the real size of the values it is stored as.
-    fn seal_segment(&mut self, batch: &mut sled::Batch) {
+    fn seal_segment(&mut self, group: &mut Group) {
         let counted = self.segment.measure() as u64;
         let Some((first, records, entries)) = self.segment.take() else {
             return;
         };
         let mut stored = 0u64;
+        let (batch, sealed) = (&mut group.batch, &mut group.sealed);
         self.sealer
             .seal(entries, first, records, |first, last, value| {
                 stored += value.len() as u64;
                 batch.insert(&keys::segment(first, last), value);
+                sealed.push(SealedSegment {
+                    first,
+                    last,
+                    bytes: value.len() as u64,
+                });
             });
         self.levels.bytes = self.levels.bytes.saturating_sub(counted) + stored;
     }
 
     fn commit(&mut self, mut group: Group) {
-        self.seal_segment(&mut group.batch);
+        self.seal_segment(&mut group);
         for letter in std::mem::take(&mut group.dead) {
             if let Ok(json) = serde_json::to_vec(&letter) {
                 self.dead_n += 1;

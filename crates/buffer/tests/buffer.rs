@@ -485,6 +485,70 @@ async fn drop_oldest_drops_whole_unsent_segments_and_counts_them_exactly() {
     assert_eq!((stats.records, stats.bytes), (0, 0));
 }
 
+/// A group can hold more than the cap's free room (on a slow disk many
+/// appends gather while one commit is written). `DropOldest` then drops
+/// the group's own oldest segments too, so the newest records are kept and
+/// no append is turned away.
+#[tokio::test]
+async fn drop_oldest_keeps_the_newest_records_of_a_group_larger_than_the_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = drop_oldest_options(dir.path());
+    // Every append below joins one group: it closes only after a pause of
+    // a second.
+    opts.flush_max_delay = Duration::from_secs(60);
+    opts.flush_append_gap = Duration::from_secs(1);
+    let (buffer, _) = Buffer::open(opts).unwrap();
+    let mut appended = append_groups(&buffer, 3).await;
+    buffer.before_send(10).await.unwrap();
+    let commits = buffer.stats().commits_total;
+    // 12 x 10 records of ~640 bytes, about 77 KB: more than the whole cap.
+    let appends: Vec<_> = (0..12)
+        .map(|_| {
+            let buffer = buffer.clone();
+            let records = (0..10).map(|_| record("d", &noise(600))).collect();
+            tokio::spawn(async move { buffer.append(records).await })
+        })
+        .collect();
+    for append in appends {
+        let o = append.await.unwrap().unwrap();
+        let o = &o;
+        assert_eq!(
+            stored(o).len(),
+            10,
+            "a record of the group was turned away: {o:?}"
+        );
+    }
+    appended += 120;
+    let stats = buffer.stats();
+    assert_eq!(
+        stats.commits_total,
+        commits + 1,
+        "the appends must share one group"
+    );
+    assert!(stats.bytes <= 64 * 1024, "{stats:?}");
+    assert_eq!(
+        stats.records + stats.dropped_full_total,
+        appended,
+        "{stats:?}"
+    );
+    let kept = seqs(&buffer.read_from(1, 10_000, usize::MAX).unwrap());
+    assert_eq!(kept.len() as u64, stats.records);
+    // What may have been sent stays; after it, the newest, contiguous.
+    assert_eq!(&kept[..10], &(1..=10).collect::<Vec<_>>()[..]);
+    let tail = &kept[10..];
+    assert!(!tail.is_empty() && tail.len() < 110, "{stats:?}");
+    assert_eq!(
+        tail,
+        &(appended - tail.len() as u64 + 1..=appended).collect::<Vec<_>>()[..]
+    );
+    // And the levels written with the group agree with what is on disk.
+    buffer.close().await.unwrap();
+    drop(buffer);
+    let (buffer, report) = Buffer::open(drop_oldest_options(dir.path())).unwrap();
+    assert_eq!(report.resumed_records, stats.records);
+    assert_eq!(buffer.stats().bytes, stats.bytes);
+}
+
 /// The uplink reserves a window ahead: batches inside it go out without a
 /// buffer commit, and `DropOldest` keeps every record of the window.
 #[tokio::test]
