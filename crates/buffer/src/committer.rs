@@ -347,7 +347,16 @@ impl Committer {
                             }
                             let deadline = *appends_deadline
                                 .get_or_insert_with(|| now + self.options.flush_max_delay);
-                            deadline.min(last_growth.1 + self.options.flush_append_gap)
+                            // A small group waits for company: a source
+                            // reading a broker in bursts pauses between
+                            // them, and closing on each pause made several
+                            // small commits, each costing the same wake-ups
+                            // and fsync as a large one.
+                            if group.records >= self.options.flush_gap_min_records {
+                                deadline.min(last_growth.1 + self.options.flush_append_gap)
+                            } else {
+                                deadline
+                            }
                         } else {
                             acks_deadline
                         };

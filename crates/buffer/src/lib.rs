@@ -91,6 +91,9 @@ pub struct BufferOptions {
     /// are in, waiting on only delays every one of them (and the source,
     /// which can send no more until they are acknowledged).
     pub flush_append_gap: Duration,
+    /// Group commit: `flush_append_gap` closes a group early only once it
+    /// holds this many records; a smaller one waits up to `flush_max_delay`.
+    pub flush_gap_min_records: usize,
     /// Group commit: a group is written at once when it has this many records.
     pub flush_max_records: usize,
     /// How long acks that nobody waits for ([`Buffer::ack_soon`]) wait for
@@ -125,6 +128,8 @@ impl BufferOptions {
             when_full: FullPolicy::Block,
             flush_max_delay: Duration::from_millis(2),
             flush_append_gap: Duration::from_micros(300),
+            // One full append of the MQTT source.
+            flush_gap_min_records: 2048,
             flush_max_records: 50_000,
             ack_linger: Duration::from_millis(20),
             dead_letter_max: 1000,

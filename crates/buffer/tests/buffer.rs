@@ -497,6 +497,7 @@ async fn drop_oldest_keeps_the_newest_records_of_a_group_larger_than_the_room() 
     // a second.
     opts.flush_max_delay = Duration::from_secs(60);
     opts.flush_append_gap = Duration::from_secs(1);
+    opts.flush_gap_min_records = 0;
     let (buffer, _) = Buffer::open(opts).unwrap();
     let mut appended = append_groups(&buffer, 3).await;
     buffer.before_send(10).await.unwrap();
@@ -624,14 +625,16 @@ async fn an_ack_handed_over_without_waiting_is_committed_in_order() {
     );
 }
 
-/// Appends sent together share one commit, and the group is written once
-/// they stop coming, long before `flush_max_delay`.
+/// Appends sent together share one commit, and a group of at least
+/// `flush_gap_min_records` is written once they stop coming, long before
+/// `flush_max_delay`.
 #[tokio::test]
 async fn a_group_is_written_once_its_appends_stop_coming() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = options(dir.path());
     opts.flush_max_delay = Duration::from_secs(60);
     opts.flush_append_gap = Duration::from_millis(200);
+    opts.flush_gap_min_records = 40;
     let (buffer, _) = Buffer::open(opts).unwrap();
     let commits = buffer.stats().commits_total;
     let started = std::time::Instant::now();
@@ -645,6 +648,40 @@ async fn a_group_is_written_once_its_appends_stop_coming() {
         "the group waited for flush_max_delay"
     );
     assert_eq!(buffer.stats().commits_total, commits + 1);
+}
+
+/// A group under `flush_gap_min_records` does not close on a pause: it
+/// waits for company until `flush_max_delay`, so a source that reads its
+/// broker in bursts makes one commit of several bursts, not one each.
+#[tokio::test]
+async fn a_small_group_waits_for_company_until_the_max_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.flush_max_delay = Duration::from_millis(400);
+    opts.flush_append_gap = Duration::from_millis(5);
+    opts.flush_gap_min_records = 1000;
+    let (buffer, _) = Buffer::open(opts).unwrap();
+    let commits = buffer.stats().commits_total;
+    let started = std::time::Instant::now();
+    let first = buffer.append((0..10).map(|_| record("d", &noise(100))).collect());
+    let second = async {
+        // Well past the gap: without the minimum the first append would
+        // have been committed alone by now.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        buffer
+            .append((0..10).map(|_| record("d", &noise(100))).collect())
+            .await
+    };
+    let (a, b) = tokio::join!(first, second);
+    assert_eq!(stored(&a.unwrap()).len(), 10);
+    assert_eq!(stored(&b.unwrap()).len(), 10);
+    // The deadline is a lower bound whatever the machine's load.
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(
+        buffer.stats().commits_total,
+        commits + 1,
+        "one commit for both"
+    );
 }
 
 /// An ack nobody waits for joins the next group of appends instead of
