@@ -126,7 +126,7 @@ impl BufferOptions {
             data_dir: data_dir.into(),
             max_bytes: 1 << 30,
             when_full: FullPolicy::Block,
-            flush_max_delay: Duration::from_millis(2),
+            flush_max_delay: Duration::from_millis(4),
             flush_append_gap: Duration::from_micros(300),
             // One full append of the MQTT source.
             flush_gap_min_records: 2048,

@@ -331,7 +331,7 @@ impl Default for FlushPolicy {
 }
 
 fn default_flush_delay() -> u64 {
-    2
+    4
 }
 fn default_flush_records() -> u32 {
     50_000
