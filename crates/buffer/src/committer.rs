@@ -25,7 +25,7 @@
 //!   appends were answered `Stored`, so they count as stored and then
 //!   dropped, like any record dropped from disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -231,10 +231,9 @@ struct Group {
     /// (unapplied) batch; sled still shows them.
     drop_start: u64,
     drop_cursor: u64,
-    /// Segments sealed into this (unapplied) batch, oldest first, and how
-    /// many of them `DropOldest` has taken back out.
-    sealed: Vec<SealedSegment>,
-    sealed_dropped: usize,
+    /// Segments sealed into this (unapplied) batch and still in it, oldest
+    /// first: what `DropOldest` may take back out.
+    sealed: VecDeque<SealedSegment>,
     dead: Vec<DeadLetter>,
     /// Whether anything in the group has someone waiting for its commit
     /// (everything but [`crate::Buffer::ack_soon`]).
@@ -242,6 +241,7 @@ struct Group {
 }
 
 /// A segment in a group's batch, not yet on disk.
+#[derive(Clone, Copy)]
 struct SealedSegment {
     first: u64,
     last: u64,
@@ -629,19 +629,17 @@ impl Committer {
         // disk, but older than the record that needs the room.
         let floor = self.sent_reserved.max(group.ack_floor);
         while self.levels.bytes + size > self.options.max_bytes {
-            let Some(s) = group.sealed.get(group.sealed_dropped) else {
+            // The guard is never true (the uplink reads only what is
+            // durable); it keeps the drop counter exact if that ever changes.
+            let Some(&s) = group.sealed.front().filter(|s| s.first > floor) else {
                 break;
             };
-            // Never true (the uplink reads only what is durable): a guard
-            // that keeps the drop counter exact if that ever changes.
-            if s.first <= floor {
-                break;
-            }
-            group.sealed_dropped += 1;
+            group.sealed.pop_front();
             group.batch.remove(&keys::segment(s.first, s.last));
             self.levels.bytes = self.levels.bytes.saturating_sub(s.bytes);
-            self.levels.records -= s.last - s.first + 1;
-            dropped += s.last - s.first + 1;
+            let records = s.last - s.first + 1;
+            self.levels.records -= records;
+            dropped += records;
         }
         if dropped > 0 {
             self.counters
@@ -711,7 +709,7 @@ impl Committer {
             .seal(entries, first, records, |first, last, value| {
                 stored += value.len() as u64;
                 batch.insert(&keys::segment(first, last), value);
-                sealed.push(SealedSegment {
+                sealed.push_back(SealedSegment {
                     first,
                     last,
                     bytes: value.len() as u64,

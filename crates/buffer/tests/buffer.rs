@@ -512,9 +512,8 @@ async fn drop_oldest_keeps_the_newest_records_of_a_group_larger_than_the_room() 
         .collect();
     for append in appends {
         let o = append.await.unwrap().unwrap();
-        let o = &o;
         assert_eq!(
-            stored(o).len(),
+            stored(&o).len(),
             10,
             "a record of the group was turned away: {o:?}"
         );
