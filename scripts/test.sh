@@ -37,6 +37,11 @@ step "CAN on a real Linux SocketCAN stack (Debian kernel under qemu-system-x86_6
 # This kernel has no CAN; the VM's has. It runs the binaries built above.
 tests/vm/run-can-tests.sh --glibc --no-build
 
+step "power cuts: the buffer and the store across a cut VM's power (Debian kernel, ext4, qemu)"
+# SIGKILL keeps what a process handed the kernel; a cut VM loses its page
+# cache. Runs the powercut binary built above.
+tests/vm/run-power-cut-tests.sh --no-build
+
 step "edge builds: static aarch64 and x86_64 binaries, aarch64 code under test, image and unit checks"
 # cross/README.md: the steps and their times. The static binaries of both
 # architectures (gateway agent, agent for the image, ingest); edge-agent's

@@ -1,0 +1,264 @@
+//! The writer and the judge of the power-cut test
+//! (`tests/vm/run-power-cut-tests.sh`), run inside a VM whose power the
+//! host cuts by killing qemu.
+//!
+//! `powercut write DIR` appends to an agent buffer and commits to an
+//! ingest store under DIR until it is killed, and prints on the console
+//! what each of them acknowledged, the moment it is acknowledged: the
+//! buffer's append resolving (what the MQTT source sends its PUBACK on)
+//! and the store's commit returning (what the ingest acks on).
+//! `powercut check DIR --buffer-acked N --store-acked M`, after the cut,
+//! passes only if both open without quarantine and hold an unbroken run of
+//! records from the first one written, each once, reaching at least what
+//! was acknowledged. A later `write` carries on from where the check found
+//! the data, so every cut after the first also tests writing after a
+//! recovery.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use cloud_ingest::query::{Query, RecordSource};
+use cloud_ingest::sink::{AgentRecords, EmbeddedStore, EncodedRecord, Sink};
+use edgefleet_buffer::{Buffer, BufferOptions, Incoming, Outcome};
+use edgefleet_proto::{record, signal, Record, Signal, Signals};
+use prost::Message;
+use rand::{Rng, SeedableRng};
+
+/// The agent id the store's records are committed under.
+const AGENT: &str = "powercut";
+/// The signal carrying each record's number, from 0 (buffer) or 1 (store).
+const NUMBER: &str = "n";
+
+#[derive(Parser)]
+#[command(about = "Writer and judge of the power-cut test (tests/vm/run-power-cut-tests.sh)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Append to a buffer and commit to a store under DIR until killed,
+    /// printing `BUFFER-ACKED n` and `STORE-ACKED n` as they are acknowledged.
+    Write { dir: PathBuf },
+    /// Check that everything acknowledged before the cut is there, once.
+    Check {
+        dir: PathBuf,
+        /// The highest `BUFFER-ACKED` the console showed before the cut.
+        #[arg(long)]
+        buffer_acked: Option<u64>,
+        /// The highest `STORE-ACKED` the console showed before the cut.
+        #[arg(long)]
+        store_acked: Option<u64>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Write { dir } => write(&dir),
+        Command::Check {
+            dir,
+            buffer_acked,
+            store_acked,
+        } => check(&dir, buffer_acked, store_acked),
+    };
+    if let Err(e) = result {
+        println!("POWERCUT-CHECK: FAIL {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn buffer_options(dir: &Path) -> BufferOptions {
+    BufferOptions::new(dir.join("agent"))
+}
+
+fn store_dir(dir: &Path) -> PathBuf {
+    dir.join("store")
+}
+
+/// A record numbered `n`, with a padding signal of varying length so that
+/// segments and blocks come in different sizes.
+fn numbered(n: u64, seq: u64, device: &str) -> Record {
+    let pad = "x".repeat((n as usize * 37) % 700);
+    Record {
+        seq,
+        source: "powercut".into(),
+        device_id: device.into(),
+        timestamp_ns: 1_700_000_000_000_000_000 + n as i64,
+        value: Some(record::Value::Signals(Signals {
+            signals: vec![
+                Signal {
+                    name: NUMBER.into(),
+                    value: Some(signal::Value::I64(n as i64)),
+                    ..Default::default()
+                },
+                Signal {
+                    name: "pad".into(),
+                    value: Some(signal::Value::Str(pad)),
+                    ..Default::default()
+                },
+            ],
+        })),
+    }
+}
+
+fn number_of(record: &Record) -> Option<u64> {
+    let Some(record::Value::Signals(signals)) = &record.value else {
+        return None;
+    };
+    signals
+        .signals
+        .iter()
+        .find_map(|s| match (&s.name, &s.value) {
+            (name, Some(signal::Value::I64(n))) if name == NUMBER => u64::try_from(*n).ok(),
+            _ => None,
+        })
+}
+
+fn write(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let store = EmbeddedStore::open(&store_dir(dir)).context("opening the store")?;
+    let store_thread = std::thread::spawn(move || write_store(store));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(write_buffer(dir))?;
+    match store_thread.join() {
+        Ok(result) => result,
+        Err(_) => bail!("the store writer panicked"),
+    }
+}
+
+/// Prints one acknowledgement line and pushes it to the console at once.
+fn announce(what: &str, n: u64) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{what} {n}");
+    let _ = out.flush();
+}
+
+async fn write_buffer(dir: &Path) -> anyhow::Result<()> {
+    let (buffer, _) = Buffer::open(buffer_options(dir)).context("opening the buffer")?;
+    let mut next = buffer_records(&buffer)?.map_or(0, |last| last + 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(next);
+    loop {
+        let count = rng.random_range(1..=300u64);
+        let records: Vec<Incoming> = (next..next + count)
+            .map(|n| Incoming::from(numbered(n, 0, "buffer")))
+            .collect();
+        let outcomes = buffer.append(records).await.context("appending")?;
+        if let Some(other) = outcomes.iter().find(|o| !matches!(o, Outcome::Stored(_))) {
+            bail!("the buffer answered {other:?} to an append");
+        }
+        next += count;
+        announce("BUFFER-ACKED", next - 1);
+    }
+}
+
+fn write_store(store: EmbeddedStore) -> anyhow::Result<()> {
+    let mut last = store.stored_through(AGENT)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(last);
+    loop {
+        let count = rng.random_range(1..=2_000u64);
+        let records = (last + 1..=last + count)
+            .map(|seq| EncodedRecord {
+                seq,
+                encoded: numbered(seq, seq, "store").encode_to_vec().into(),
+            })
+            .collect();
+        store.commit(&[AgentRecords {
+            agent: AGENT.into(),
+            records,
+            kept: None,
+        }])?;
+        last += count;
+        announce("STORE-ACKED", last);
+    }
+}
+
+/// The number of the last record in the buffer, after checking that the
+/// records run unbroken from 0, each once.
+fn buffer_records(buffer: &Buffer) -> anyhow::Result<Option<u64>> {
+    let mut expected = 0u64;
+    let mut from = 0u64;
+    loop {
+        let batch = buffer.read_from(from, 10_000, 16 << 20)?;
+        let Some(tail) = batch.last() else {
+            return Ok(expected.checked_sub(1));
+        };
+        from = tail.seq + 1;
+        for record in &batch {
+            let n = number_of(record)
+                .with_context(|| format!("buffer record seq {} has no number", record.seq))?;
+            if n != expected {
+                bail!(
+                    "buffer: record seq {} is number {n}, expected {expected} (a gap or a duplicate)",
+                    record.seq
+                );
+            }
+            expected += 1;
+        }
+    }
+}
+
+fn check(dir: &Path, buffer_acked: Option<u64>, store_acked: Option<u64>) -> anyhow::Result<()> {
+    let (buffer, report) = Buffer::open(buffer_options(dir)).context("opening the buffer")?;
+    if let Some(q) = &report.quarantined {
+        bail!("the buffer was quarantined after the cut: {}", q.reason);
+    }
+    let buffer_last = buffer_records(&buffer)?;
+    drop(buffer);
+    if let Some(acked) = buffer_acked {
+        if buffer_last.is_none_or(|last| last < acked) {
+            bail!(
+                "buffer: acknowledged through {acked}, after the cut only through {buffer_last:?}"
+            );
+        }
+    }
+
+    let store = EmbeddedStore::open_existing(&store_dir(dir)).context("opening the store")?;
+    let mut expected = 1u64;
+    let mut broken = None;
+    store.query(
+        &Query {
+            agent: Some(AGENT.into()),
+            ..Query::default()
+        },
+        &mut |_, record| {
+            if record.seq != expected || number_of(&record) != Some(record.seq) {
+                broken = Some(format!(
+                    "store: found seq {} (number {:?}), expected {expected}",
+                    record.seq,
+                    number_of(&record)
+                ));
+                return false;
+            }
+            expected += 1;
+            true
+        },
+    )?;
+    if let Some(broken) = broken {
+        bail!(broken);
+    }
+    let store_last = expected - 1;
+    let high_water = store.stored_through(AGENT)?;
+    if high_water != store_last {
+        bail!("store: high-water mark {high_water}, records through {store_last}");
+    }
+    if let Some(acked) = store_acked {
+        if store_last < acked {
+            bail!("store: acknowledged through {acked}, after the cut only through {store_last}");
+        }
+    }
+    let shown = |n: Option<u64>| n.map_or_else(|| "none".to_string(), |n| n.to_string());
+    println!(
+        "POWERCUT-CHECK: PASS buffer through {} (acknowledged {}), store through {store_last} (acknowledged {})",
+        shown(buffer_last),
+        shown(buffer_acked),
+        shown(store_acked),
+    );
+    Ok(())
+}
