@@ -1,7 +1,7 @@
 #!/bin/sh
 # /init of the power-cut test VM (busybox sh). Mounts the test's ext4 disk,
 # then, as the host asked on the kernel command line:
-#   powercut.check=1 powercut.buffer=N powercut.store=M
+#   powercut.check=1 powercut.buffer=N powercut.acking=A powercut.store=M
 #       runs `powercut check` first (what survived the last cut) and prints
 #       its POWERCUT-CHECK line;
 #   powercut.write=1
@@ -42,6 +42,7 @@ mount -t ext4 /dev/vda /data || finish "FAIL mounting /dev/vda"
 if [ "$(arg check)" = 1 ]; then
     set --
     [ -n "$(arg buffer)" ] && set -- "$@" --buffer-acked "$(arg buffer)"
+    [ -n "$(arg acking)" ] && set -- "$@" --buffer-acking "$(arg acking)"
     [ -n "$(arg store)" ] && set -- "$@" --store-acked "$(arg store)"
     powercut check /data/powercut "$@" || finish "FAIL check"
 fi

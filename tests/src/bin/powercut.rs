@@ -49,6 +49,9 @@ enum Command {
         /// The highest `BUFFER-ACKED` the console showed before the cut.
         #[arg(long)]
         buffer_acked: Option<u64>,
+        /// The highest `BUFFER-ACKING` the console showed: no ack went further.
+        #[arg(long)]
+        buffer_acking: Option<u64>,
         /// The highest `STORE-ACKED` the console showed before the cut.
         #[arg(long)]
         store_acked: Option<u64>,
@@ -62,8 +65,9 @@ fn main() {
         Command::Check {
             dir,
             buffer_acked,
+            buffer_acking,
             store_acked,
-        } => check(&dir, buffer_acked, store_acked),
+        } => check(&dir, buffer_acked, buffer_acking, store_acked),
     };
     if let Err(e) = result {
         println!("POWERCUT-CHECK: FAIL {e:#}");
@@ -140,9 +144,17 @@ fn announce(what: &str, n: u64) {
     let _ = out.flush();
 }
 
+/// Records the writer keeps unacknowledged at least, as an uplink that is
+/// behind would: acks delete from the oldest end while appends add at the
+/// other, as on a gateway.
+const UNACKED_AT_LEAST: u64 = 2_000;
+
 async fn write_buffer(dir: &Path) -> anyhow::Result<()> {
     let (buffer, _) = Buffer::open(buffer_options(dir)).context("opening the buffer")?;
-    let mut next = buffer_records(&buffer)?.map_or(0, |last| last + 1);
+    let held = buffer_records(&buffer)?;
+    let (mut next, mut last_seq) = held.map_or((0, 0), |h| (h.last + 1, h.last_seq));
+    // The oldest number still held: everything below it was acknowledged.
+    let mut oldest = held.map_or(0, |h| h.first);
     let mut rng = rand::rngs::StdRng::seed_from_u64(next);
     loop {
         let count = rng.random_range(1..=300u64);
@@ -150,12 +162,35 @@ async fn write_buffer(dir: &Path) -> anyhow::Result<()> {
             .map(|n| Incoming::from(numbered(n, 0, "buffer")))
             .collect();
         let outcomes = buffer.append(records).await.context("appending")?;
-        if let Some(other) = outcomes.iter().find(|o| !matches!(o, Outcome::Stored(_))) {
-            bail!("the buffer answered {other:?} to an append");
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Stored(seq) => last_seq = seq,
+                other => bail!("the buffer answered {other:?} to an append"),
+            }
         }
         next += count;
         announce("BUFFER-ACKED", next - 1);
+        // Numbers and seqs advance together: every record is stored.
+        let newest = next - 1;
+        if newest - oldest > 2 * UNACKED_AT_LEAST {
+            let through = newest - UNACKED_AT_LEAST - rng.random_range(0..UNACKED_AT_LEAST);
+            // On the console before the ack is given: the check may then
+            // take the console's last ack as the most that can be gone.
+            announce("BUFFER-ACKING", through);
+            drain_console();
+            buffer
+                .ack(last_seq - (newest - through))
+                .await
+                .context("acknowledging")?;
+            oldest = through + 1;
+        }
     }
+}
+
+/// Waits until the console has sent everything written to it: a line still
+/// in the guest's tty buffer at the cut never reaches the host.
+fn drain_console() {
+    let _ = nix::sys::termios::tcdrain(std::io::stdout());
 }
 
 fn write_store(store: EmbeddedStore) -> anyhow::Result<()> {
@@ -179,42 +214,84 @@ fn write_store(store: EmbeddedStore) -> anyhow::Result<()> {
     }
 }
 
-/// The number of the last record in the buffer, after checking that the
-/// records run unbroken from 0, each once.
-fn buffer_records(buffer: &Buffer) -> anyhow::Result<Option<u64>> {
-    let mut expected = 0u64;
+/// The records a buffer holds, by number.
+#[derive(Clone, Copy)]
+struct Held {
+    first: u64,
+    last: u64,
+    last_seq: u64,
+}
+
+/// What the buffer holds, after checking that it is one unbroken run of
+/// numbers, each once; `None` when it is empty.
+fn buffer_records(buffer: &Buffer) -> anyhow::Result<Option<Held>> {
+    let mut held: Option<Held> = None;
     let mut from = 0u64;
     loop {
         let batch = buffer.read_from(from, 10_000, 16 << 20)?;
         let Some(tail) = batch.last() else {
-            return Ok(expected.checked_sub(1));
+            return Ok(held);
         };
         from = tail.seq + 1;
         for record in &batch {
             let n = number_of(record)
                 .with_context(|| format!("buffer record seq {} has no number", record.seq))?;
-            if n != expected {
-                bail!(
-                    "buffer: record seq {} is number {n}, expected {expected} (a gap or a duplicate)",
-                    record.seq
-                );
-            }
-            expected += 1;
+            held = match held {
+                None => Some(Held {
+                    first: n,
+                    last: n,
+                    last_seq: record.seq,
+                }),
+                Some(h) if n == h.last + 1 => Some(Held {
+                    last: n,
+                    last_seq: record.seq,
+                    ..h
+                }),
+                Some(h) => bail!(
+                    "buffer: record seq {} is number {n} after number {} (a gap or a duplicate)",
+                    record.seq,
+                    h.last
+                ),
+            };
         }
     }
 }
 
-fn check(dir: &Path, buffer_acked: Option<u64>, store_acked: Option<u64>) -> anyhow::Result<()> {
+fn shown_run(held: Option<Held>) -> String {
+    held.map_or_else(|| "nothing".into(), |h| format!("{}..={}", h.first, h.last))
+}
+
+fn check(
+    dir: &Path,
+    buffer_acked: Option<u64>,
+    buffer_acking: Option<u64>,
+    store_acked: Option<u64>,
+) -> anyhow::Result<()> {
     let (buffer, report) = Buffer::open(buffer_options(dir)).context("opening the buffer")?;
     if let Some(q) = &report.quarantined {
         bail!("the buffer was quarantined after the cut: {}", q.reason);
     }
-    let buffer_last = buffer_records(&buffer)?;
+    let held = buffer_records(&buffer)?;
     drop(buffer);
     if let Some(acked) = buffer_acked {
-        if buffer_last.is_none_or(|last| last < acked) {
+        match held {
+            Some(h) if h.last >= acked => {}
+            _ => bail!(
+                "buffer: appends acknowledged through {acked}, after the cut it holds {}",
+                shown_run(held)
+            ),
+        }
+    }
+    // An ack deletes records up to a number; none above the last ack given
+    // may be missing (records at or below it may come back: the ack itself
+    // may not have been durable, and the ingest drops a resent seq).
+    let may_be_gone = buffer_acking.map_or(0, |a| a + 1);
+    if let Some(h) = held {
+        if h.first > may_be_gone {
             bail!(
-                "buffer: acknowledged through {acked}, after the cut only through {buffer_last:?}"
+                "buffer: acks given through {} at most, after the cut it holds {}",
+                buffer_acking.map_or_else(|| "none".to_string(), |a| a.to_string()),
+                shown_run(held)
             );
         }
     }
@@ -255,9 +332,11 @@ fn check(dir: &Path, buffer_acked: Option<u64>, store_acked: Option<u64>) -> any
     }
     let shown = |n: Option<u64>| n.map_or_else(|| "none".to_string(), |n| n.to_string());
     println!(
-        "POWERCUT-CHECK: PASS buffer through {} (acknowledged {}), store through {store_last} (acknowledged {})",
-        shown(buffer_last),
+        "POWERCUT-CHECK: PASS buffer holds {} (appends acknowledged through {}, acks given through {}), \
+         store through {store_last} (acknowledged {})",
+        shown_run(held),
         shown(buffer_acked),
+        shown(buffer_acking),
         shown(store_acked),
     );
     Ok(())
