@@ -33,21 +33,13 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-VM_DIR=$ROOT/tests/vm
-CACHE=$ROOT/target/vm-cache/$ARCH
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BOOT_TIMEOUT=${VM_TIMEOUT:-240}
-mkdir -p "$CACHE"
-START=$(date +%s)
-log() { echo "[$(( $(date +%s) - START ))s] $*"; }
-die() { echo "run-can-tests: FAIL: $*" >&2; exit 1; }
+# shellcheck source=tests/vm/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 # ---- 1. host packages and the kernel --------------------------------------
 EXTRA_PKGS=()
 [ "$ARCH" = x86_64 ] && [ "$BUILD" = 1 ] && { command -v musl-gcc >/dev/null || EXTRA_PKGS+=(musl-tools); }
-# shellcheck source=tests/vm/kernel.sh
-source "$VM_DIR/kernel.sh"
+vm_prepare_host "${EXTRA_PKGS[@]}"
 
 # ---- 2. binaries and the PKI ---------------------------------------------------
 # Every binary the guest runs, and where each comes from. The development PKI

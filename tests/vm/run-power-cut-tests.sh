@@ -27,21 +27,13 @@ while [ $# -gt 0 ]; do
 done
 
 ARCH=x86_64
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-VM_DIR=$ROOT/tests/vm
-CACHE=$ROOT/target/vm-cache/$ARCH
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BOOT_TIMEOUT=${VM_TIMEOUT:-240}
-mkdir -p "$CACHE"
-START=$(date +%s)
-log() { echo "[$(( $(date +%s) - START ))s] $*"; }
-die() { echo "run-power-cut-tests: FAIL: $*" >&2; exit 1; }
+# shellcheck source=tests/vm/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 # ---- 1. host packages and the kernel ------------------------------------------
 EXTRA_PKGS=()
 command -v mkfs.ext4 >/dev/null || EXTRA_PKGS+=(e2fsprogs)
-# shellcheck source=tests/vm/kernel.sh
-source "$VM_DIR/kernel.sh"
+vm_prepare_host "${EXTRA_PKGS[@]}"
 
 # ---- 2. the writer and judge, a host (glibc) build with its libraries ----------
 BIN=$TARGET_DIR/debug/powercut
