@@ -91,7 +91,7 @@ boot() {
 acked() { tr -d '\r' <"$CONSOLE" | sed -n "s/^$1 \([0-9][0-9]*\)\$/\1/p" | tail -1; }
 check_line() { tr -d '\r' <"$CONSOLE" | grep -a '^POWERCUT-CHECK:' | tail -1 || true; }
 fail_with_console() {
-    tr -d '\r' <"$CONSOLE" | grep -av -e '^BUFFER-ACK' -e '^STORE-ACKED' | tail -n 30 >&2
+    tr -d '\r' <"$CONSOLE" | grep -av -e '^BUFFER-ACK' -e '^STORE-ACKED' | tail -n 30 >&2 || true
     die "$*; console: $CONSOLE"
 }
 
@@ -125,6 +125,7 @@ for round in $(seq 1 $((CUTS + 1))); do
         # The cut: anywhere from at once to two seconds into the writing.
         delay=$(printf '%d.%03d' $((RANDOM % 2)) $((RANDOM % 1000)))
         sleep "$delay"
+        kill -0 "$QEMU_PID" 2>/dev/null || fail_with_console "boot $round: the VM stopped before the cut"
         kill -9 "$QEMU_PID"
         wait "$QEMU_PID" 2>/dev/null || true
     fi

@@ -2,17 +2,18 @@
 //! (`tests/vm/run-power-cut-tests.sh`), run inside a VM whose power the
 //! host cuts by killing qemu.
 //!
-//! `powercut write DIR` appends to an agent buffer and commits to an
-//! ingest store under DIR until it is killed, and prints on the console
-//! what each of them acknowledged, the moment it is acknowledged: the
-//! buffer's append resolving (what the MQTT source sends its PUBACK on)
-//! and the store's commit returning (what the ingest acks on).
-//! `powercut check DIR --buffer-acked N --store-acked M`, after the cut,
-//! passes only if both open without quarantine and hold an unbroken run of
-//! records from the first one written, each once, reaching at least what
-//! was acknowledged. A later `write` carries on from where the check found
-//! the data, so every cut after the first also tests writing after a
-//! recovery.
+//! `powercut write DIR` appends to an agent buffer, acks its oldest records
+//! as an uplink would, and commits to an ingest store under DIR until it is
+//! killed, printing on the console what each acknowledged the moment it
+//! did: the buffer's append resolving (what the MQTT source sends its
+//! PUBACK on) and the store's commit returning (what the ingest acks on),
+//! and each ack before it is given. `powercut check DIR --buffer-acked N
+//! --buffer-acking A --store-acked M`, after the cut, passes only if both
+//! open without quarantine and hold an unbroken run of numbered records,
+//! each once, reaching at least what was acknowledged, the buffer's
+//! starting no later than just after the last ack given. A later `write`
+//! carries on from where the check found the data, so every cut after the
+//! first also tests writing after a recovery.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -60,17 +61,20 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Write { dir } => write(&dir),
+    let (what, result) = match cli.command {
+        Command::Write { dir } => ("WRITE", write(&dir)),
         Command::Check {
             dir,
             buffer_acked,
             buffer_acking,
             store_acked,
-        } => check(&dir, buffer_acked, buffer_acking, store_acked),
+        } => (
+            "CHECK",
+            check(&dir, buffer_acked, buffer_acking, store_acked),
+        ),
     };
     if let Err(e) = result {
-        println!("POWERCUT-CHECK: FAIL {e:#}");
+        println!("POWERCUT-{what}: FAIL {e:#}");
         std::process::exit(1);
     }
 }
@@ -125,16 +129,19 @@ fn number_of(record: &Record) -> Option<u64> {
 fn write(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let store = EmbeddedStore::open(&store_dir(dir)).context("opening the store")?;
-    let store_thread = std::thread::spawn(move || write_store(store));
+    // Either writer failing ends the process: the host sees the VM stop
+    // before its cut and fails with the console.
+    std::thread::spawn(move || {
+        let Err(e) = write_store(store);
+        println!("POWERCUT-WRITE: FAIL the store: {e:#}");
+        std::process::exit(1);
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    runtime.block_on(write_buffer(dir))?;
-    match store_thread.join() {
-        Ok(result) => result,
-        Err(_) => bail!("the store writer panicked"),
-    }
+    let Err(e) = runtime.block_on(write_buffer(dir));
+    Err(e.context("the buffer"))
 }
 
 /// Prints one acknowledgement line and pushes it to the console at once.
@@ -149,7 +156,7 @@ fn announce(what: &str, n: u64) {
 /// other, as on a gateway.
 const UNACKED_AT_LEAST: u64 = 2_000;
 
-async fn write_buffer(dir: &Path) -> anyhow::Result<()> {
+async fn write_buffer(dir: &Path) -> anyhow::Result<std::convert::Infallible> {
     let (buffer, _) = Buffer::open(buffer_options(dir)).context("opening the buffer")?;
     let held = buffer_records(&buffer)?;
     let (mut next, mut last_seq) = held.map_or((0, 0), |h| (h.last + 1, h.last_seq));
@@ -193,7 +200,7 @@ fn drain_console() {
     let _ = nix::sys::termios::tcdrain(std::io::stdout());
 }
 
-fn write_store(store: EmbeddedStore) -> anyhow::Result<()> {
+fn write_store(store: EmbeddedStore) -> anyhow::Result<std::convert::Infallible> {
     let mut last = store.stored_through(AGENT)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(last);
     loop {
@@ -261,6 +268,10 @@ fn shown_run(held: Option<Held>) -> String {
     held.map_or_else(|| "nothing".into(), |h| format!("{}..={}", h.first, h.last))
 }
 
+fn shown(n: Option<u64>) -> String {
+    n.map_or_else(|| "none".into(), |n| n.to_string())
+}
+
 fn check(
     dir: &Path,
     buffer_acked: Option<u64>,
@@ -290,7 +301,7 @@ fn check(
         if h.first > may_be_gone {
             bail!(
                 "buffer: acks given through {} at most, after the cut it holds {}",
-                buffer_acking.map_or_else(|| "none".to_string(), |a| a.to_string()),
+                shown(buffer_acking),
                 shown_run(held)
             );
         }
@@ -330,7 +341,6 @@ fn check(
             bail!("store: acknowledged through {acked}, after the cut only through {store_last}");
         }
     }
-    let shown = |n: Option<u64>| n.map_or_else(|| "none".to_string(), |n| n.to_string());
     println!(
         "POWERCUT-CHECK: PASS buffer holds {} (appends acknowledged through {}, acks given through {}), \
          store through {store_last} (acknowledged {})",
