@@ -48,10 +48,29 @@ fn no_delay() -> rumqttc::NetworkOptions {
     network
 }
 
-/// Publishes QoS 1 from `clients` connections over `devices` topics for
-/// `duration`, at `rate` messages/s in total (None = as fast as the broker
-/// takes them), and waits until the broker acknowledged every message.
+/// Publishes QoS 1 from `clients` connections over `devices` topics
+/// (`devices/dev-NNNNN/telemetry`) for `duration`, at `rate` messages/s in
+/// total (None = as fast as the broker takes them), and waits until the
+/// broker acknowledged every message.
 pub async fn publish(
+    port: u16,
+    clients: usize,
+    devices: u32,
+    duration: Duration,
+    rate: Option<f64>,
+    tag: &str,
+) -> anyhow::Result<Published> {
+    publish_under(DEVICES_ROOT, port, clients, devices, duration, rate, tag).await
+}
+
+/// The first topic level of the devices the agent subscribes to.
+pub const DEVICES_ROOT: &str = "devices";
+
+/// [`publish`] to `<root>/dev-NNNNN/telemetry`: another root of the same
+/// length makes messages of the same size that an agent subscribed to
+/// [`DEVICES_ROOT`] never gets.
+pub async fn publish_under(
+    root: &str,
     port: u16,
     clients: usize,
     devices: u32,
@@ -66,9 +85,19 @@ pub async fn publish(
     for c in 0..clients {
         let tag = format!("bench-pub-{tag}-{c}-{}", std::process::id());
         let per_client = rate.map(|r| r / clients as f64);
-        tasks.spawn(publish_one(
-            port, tag, c, clients, devices, duration, per_client,
-        ));
+        let mine: Vec<u32> = (0..devices)
+            .filter(|d| *d as usize % clients == c)
+            .collect();
+        let mine = if mine.is_empty() {
+            vec![c as u32]
+        } else {
+            mine
+        };
+        let topics = mine
+            .iter()
+            .map(|d| (*d, format!("{root}/dev-{d:05}/telemetry")))
+            .collect();
+        tasks.spawn(publish_one(port, tag, topics, duration, per_client));
     }
     let mut total = Published::default();
     while let Some(joined) = tasks.join_next().await {
@@ -80,12 +109,11 @@ pub async fn publish(
     Ok(total)
 }
 
+/// One publisher connection over its `(device, topic)`s.
 async fn publish_one(
     port: u16,
     client_id: String,
-    index: usize,
-    clients: usize,
-    devices: u32,
+    topics: Vec<(u32, String)>,
     duration: Duration,
     rate: Option<f64>,
 ) -> anyhow::Result<Published> {
@@ -117,22 +145,10 @@ async fn publish_one(
     let start = Instant::now();
     let mut sent = 0u64;
     let mut bytes = 0u64;
-    let mine: Vec<u32> = (0..devices)
-        .filter(|d| *d as usize % clients == index)
-        .collect();
-    let mine = if mine.is_empty() {
-        vec![index as u32]
-    } else {
-        mine
-    };
-    let topics: Vec<String> = mine
-        .iter()
-        .map(|d| format!("devices/dev-{d:05}/telemetry"))
-        .collect();
     let mut n = 0u64;
     'outer: while start.elapsed() < duration {
-        for (i, topic) in topics.iter().enumerate() {
-            let body = payload(n, mine[i], now_ns());
+        for (device, topic) in &topics {
+            let body = payload(n, *device, now_ns());
             bytes += body.len() as u64;
             client
                 .publish(topic.as_str(), QoS::AtLeastOnce, false, body)
@@ -174,8 +190,9 @@ fn payload_timestamp(body: &[u8]) -> Option<i64> {
         .ok()
 }
 
-/// A QoS 1 subscriber to every device topic that only counts, and records
-/// publish → delivered latency (microseconds) from the payloads' timestamps.
+/// A QoS 1 subscriber to every device topic under a root (see
+/// [`publish_under`]) that only counts, and records publish → delivered
+/// latency (microseconds) from the payloads' timestamps.
 pub struct Counter {
     pub count: Arc<AtomicU64>,
     latency: Arc<Mutex<hdrhistogram::Histogram<u64>>>,
@@ -184,7 +201,7 @@ pub struct Counter {
 }
 
 impl Counter {
-    pub async fn start(port: u16) -> anyhow::Result<Counter> {
+    pub async fn start(port: u16, root: &str) -> anyhow::Result<Counter> {
         let mut options = MqttOptions::new(
             format!("bench-counter-{}", std::process::id()),
             "127.0.0.1",
@@ -196,7 +213,7 @@ impl Counter {
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         eventloop.set_network_options(no_delay());
         client
-            .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+            .subscribe(format!("{root}/+/telemetry"), QoS::AtLeastOnce)
             .await?;
         let count = Arc::new(AtomicU64::new(0));
         let latency = Arc::new(Mutex::new(crate::scenarios::histogram()));
