@@ -125,15 +125,22 @@ async fn publish_one(
     let (client, mut eventloop) = AsyncClient::new(options, 2000);
     eventloop.set_network_options(no_delay());
     let acked = Arc::new(AtomicU64::new(0));
+    let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
     // In a JoinSet of its own, so that it stops with this task if aborted.
     let mut driver = tokio::task::JoinSet::new();
     {
         let acked = acked.clone();
+        let mut connected = Some(connected_tx);
         driver.spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = connected.take() {
+                            let _ = tx.send(());
+                        }
                     }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
                     Ok(_) => {}
@@ -142,6 +149,12 @@ async fn publish_one(
             }
         });
     }
+    // Connected before the first message is stamped: a broker slow to
+    // accept a connection must not show up as the agent's latency.
+    tokio::time::timeout(Duration::from_secs(10), connected_rx)
+        .await
+        .map_err(|_| anyhow::anyhow!("publisher: no ConnAck from the broker within 10 s"))?
+        .map_err(|_| anyhow::anyhow!("publisher connection closed before its ConnAck"))?;
     let start = Instant::now();
     let mut sent = 0u64;
     let mut bytes = 0u64;
