@@ -48,28 +48,16 @@ fn no_delay() -> rumqttc::NetworkOptions {
     network
 }
 
-/// Publishes QoS 1 from `clients` connections over `devices` topics
-/// (`devices/dev-NNNNN/telemetry`) for `duration`, at `rate` messages/s in
-/// total (None = as fast as the broker takes them), and waits until the
-/// broker acknowledged every message.
-pub async fn publish(
-    port: u16,
-    clients: usize,
-    devices: u32,
-    duration: Duration,
-    rate: Option<f64>,
-    tag: &str,
-) -> anyhow::Result<Published> {
-    publish_under(DEVICES_ROOT, port, clients, devices, duration, rate, tag).await
-}
-
 /// The first topic level of the devices the agent subscribes to.
 pub const DEVICES_ROOT: &str = "devices";
 
-/// [`publish`] to `<root>/dev-NNNNN/telemetry`: another root of the same
-/// length makes messages of the same size that an agent subscribed to
-/// [`DEVICES_ROOT`] never gets.
-pub async fn publish_under(
+/// Publishes QoS 1 from `clients` connections over `devices` topics
+/// (`<root>/dev-NNNNN/telemetry`) for `duration`, at `rate` messages/s in
+/// total (None = as fast as the broker takes them), and waits until the
+/// broker acknowledged every message. Another root than [`DEVICES_ROOT`],
+/// of the same length, makes messages of the same size that the agent
+/// never gets.
+pub async fn publish(
     root: &str,
     port: u16,
     clients: usize,
@@ -204,7 +192,7 @@ fn payload_timestamp(body: &[u8]) -> Option<i64> {
 }
 
 /// A QoS 1 subscriber to every device topic under a root (see
-/// [`publish_under`]) that only counts, and records publish → delivered
+/// [`publish`]) that only counts, and records publish → delivered
 /// latency (microseconds) from the payloads' timestamps.
 pub struct Counter {
     pub count: Arc<AtomicU64>,

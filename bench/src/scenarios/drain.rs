@@ -61,6 +61,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     // only what the broker acknowledged and the store holds).
     let live_for = Duration::from_secs(if ctx.quick { 6 } else { 120 });
     let live = tokio::spawn(mqtt::publish(
+        mqtt::DEVICES_ROOT,
         port,
         1,
         10,

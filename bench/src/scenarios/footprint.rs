@@ -22,6 +22,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
 
     // Devices already publishing (1,000 msg/s) when the agent starts.
     let trickle = tokio::spawn(mqtt::publish(
+        mqtt::DEVICES_ROOT,
         port,
         1,
         10,
@@ -80,7 +81,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         super::stored(metrics_port) as f64
     });
     let before = fleet.stored();
-    let published = mqtt::publish(port, 2, 100, phase, Some(LOAD_RATE), "load").await?;
+    let published = mqtt::publish(
+        mqtt::DEVICES_ROOT,
+        port,
+        2,
+        100,
+        phase,
+        Some(LOAD_RATE),
+        "load",
+    )
+    .await?;
     let stored_during = fleet.stored() - before;
     let rss = rss.stop();
     let stored = stored.stop();

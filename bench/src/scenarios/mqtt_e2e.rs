@@ -22,6 +22,24 @@ use crate::Ctx;
 const PUBLISHERS: usize = 2;
 const DEVICES: u32 = 100;
 
+/// Publishes as fast as the broker takes it under `root` for `phase` and
+/// returns the rate at which `counter` (subscribed under `root`) got it all.
+async fn ceiling_phase(
+    counter: &Counter,
+    root: &str,
+    port: u16,
+    phase: Duration,
+) -> anyhow::Result<f64> {
+    let already = counter.count();
+    let started = Instant::now();
+    let published = mqtt::publish(root, port, PUBLISHERS, DEVICES, phase, None, "ceiling").await?;
+    wait_until(Duration::from_secs(60), || {
+        counter.count() - already >= published.messages
+    })
+    .await;
+    Ok((counter.count() - already) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// The pause between the full and the half phase.
 const SETTLE: Duration = Duration::from_secs(3);
 
@@ -39,13 +57,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     let counter = Counter::start(port, mqtt::DEVICES_ROOT).await?;
     let broker_pid = fleet.mqtt.proc.pid();
     let ceiling_cpu0 = CpuUse::now(broker_pid, None);
-    let started = Instant::now();
-    let published = mqtt::publish(port, PUBLISHERS, DEVICES, phase, None, "ceiling").await?;
-    wait_until(Duration::from_secs(60), || {
-        counter.count() >= published.messages
-    })
-    .await;
-    let ceiling_before = counter.count() as f64 / started.elapsed().as_secs_f64();
+    let ceiling_before = ceiling_phase(&counter, mqtt::DEVICES_ROOT, port, phase).await?;
     let ceiling_cpu = CpuUse::now(broker_pid, None).since(&ceiling_cpu0);
     let ceiling_messages = counter.count() as f64;
     // The broker's own latency at half its ceiling: what the agent's
@@ -53,6 +65,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     counter.take_latency();
     let delivered = counter.count();
     let broker_half = mqtt::publish(
+        mqtt::DEVICES_ROOT,
         port,
         PUBLISHERS,
         DEVICES,
@@ -79,7 +92,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     // Warm-up: until a record comes through, the agent's subscription is not in place.
     let warm = Instant::now();
     while fleet.stored() == 0 {
-        mqtt::publish(port, 1, 1, Duration::from_millis(1), None, "warmup").await?;
+        mqtt::publish(
+            mqtt::DEVICES_ROOT,
+            port,
+            1,
+            1,
+            Duration::from_millis(1),
+            None,
+            "warmup",
+        )
+        .await?;
         anyhow::ensure!(
             warm.elapsed() < Duration::from_secs(60),
             "no record stored within 60 s; see {}",
@@ -99,7 +121,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     // Full load.
     let cpu0 = CpuUse::now(broker_pid, Some((agent_pid, ingest_pid)));
     let full_start_ns = mqtt::now_ns();
-    let full = mqtt::publish(port, PUBLISHERS, DEVICES, phase, None, "full").await?;
+    let full = mqtt::publish(
+        mqtt::DEVICES_ROOT,
+        port,
+        PUBLISHERS,
+        DEVICES,
+        phase,
+        None,
+        "full",
+    )
+    .await?;
     let full_end_ns = mqtt::now_ns();
     let target = baseline + full.messages;
     let all_stored = wait_until(Duration::from_secs(600), || fleet.stored() >= target).await;
@@ -133,7 +164,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     };
     let commits_before_half = commit_histograms();
     let half_start_ns = mqtt::now_ns();
-    let half = mqtt::publish(port, PUBLISHERS, DEVICES, phase, Some(half_rate), "half").await?;
+    let half = mqtt::publish(
+        mqtt::DEVICES_ROOT,
+        port,
+        PUBLISHERS,
+        DEVICES,
+        phase,
+        Some(half_rate),
+        "half",
+    )
+    .await?;
     let half_end_ns = mqtt::now_ns();
     let target = target + half.messages;
     wait_until(Duration::from_secs(300), || fleet.stored() >= target).await;
@@ -153,22 +193,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     // length: the broker keeps the agent's persistent session and would
     // queue for it every message under `devices/`.
     let counter = Counter::start(port, CEILING_ROOT).await?;
-    let started = Instant::now();
-    let published = mqtt::publish_under(
-        CEILING_ROOT,
-        port,
-        PUBLISHERS,
-        DEVICES,
-        phase,
-        None,
-        "ceiling-after",
-    )
-    .await?;
-    wait_until(Duration::from_secs(60), || {
-        counter.count() >= published.messages
-    })
-    .await;
-    let ceiling_after = counter.count() as f64 / started.elapsed().as_secs_f64();
+    let ceiling_after = ceiling_phase(&counter, CEILING_ROOT, port, phase).await?;
     counter.stop().await;
     let ceiling = (ceiling_before + ceiling_after) / 2.0;
 
