@@ -21,7 +21,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 pub fn sample_encoded(device: u32, n: u64) -> EncodedRecord {
     let body = crate::mqtt::payload(n, device, crate::mqtt::now_ns());
     let mut signals = RecordWriter::new();
-    let timestamp_ns = edge_agent::sources::json::decode_into(body.as_bytes(), &mut signals)
+    let timestamp_ns = edge_agent::sources::json::JsonReader::default()
+        .decode_into(body.as_bytes(), &mut signals)
         .expect("sample payload");
     signals.finish(
         "mqtt",

@@ -21,53 +21,72 @@ pub enum PayloadError {
     Empty,
 }
 
-/// Writes the payload's signals to `signals` and returns the device's own
-/// timestamp, if it gave one. On an error nothing is left in `signals`.
-///
-/// Numbers, bools and strings become signals, in the payload's order;
-/// nested objects are flattened to dotted names and arrays to indexed ones
-/// (`cells.0`); nulls are skipped. A numeric top-level `ts` (milliseconds)
-/// or `timestamp_ns` sets the time.
-///
-/// The payload is read in one pass straight into `signals`: building a
-/// `serde_json::Value` first (a map and a string per key) was a twentieth
-/// of the agent's CPU at full load (BENCHMARKS.md, "Nagle in the harness").
-pub fn decode_into(
-    payload: &[u8],
-    signals: &mut RecordWriter,
-) -> Result<Option<i64>, PayloadError> {
-    let result = write_signals(payload, signals);
-    if result.is_err() {
-        signals.clear();
-    }
-    result
+/// Reads JSON payloads into signals. One reader serves many payloads: it
+/// keeps the buffer it builds signal names in, so a payload's names cost
+/// no allocation (a new buffer per payload was a malloc and a realloc per
+/// message at full load).
+#[derive(Debug, Default)]
+pub struct JsonReader {
+    name: String,
 }
 
-fn write_signals(payload: &[u8], signals: &mut RecordWriter) -> Result<Option<i64>, PayloadError> {
-    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
-    if first.is_some() && first != Some(&b'{') {
-        // Valid JSON of another kind is named; anything else is a syntax
-        // error with its place.
-        serde_json::from_slice::<serde::de::IgnoredAny>(payload).map_err(syntax)?;
-        return Err(PayloadError::NotAnObject(kind_of(first)));
+impl JsonReader {
+    /// Writes the payload's signals to `signals` and returns the device's
+    /// own timestamp, if it gave one. On an error nothing is left in
+    /// `signals`.
+    ///
+    /// Numbers, bools and strings become signals, in the payload's order;
+    /// nested objects are flattened to dotted names and arrays to indexed
+    /// ones (`cells.0`); nulls are skipped. A numeric top-level `ts`
+    /// (milliseconds) or `timestamp_ns` sets the time.
+    ///
+    /// The payload is read in one pass straight into `signals`: building a
+    /// `serde_json::Value` first (a map and a string per key) was a
+    /// twentieth of the agent's CPU at full load (BENCHMARKS.md, "Nagle in
+    /// the harness").
+    pub fn decode_into(
+        &mut self,
+        payload: &[u8],
+        signals: &mut RecordWriter,
+    ) -> Result<Option<i64>, PayloadError> {
+        let result = self.write_signals(payload, signals);
+        if result.is_err() {
+            signals.clear();
+        }
+        result
     }
-    let mut top = TopLevel {
-        out: signals,
-        name: String::new(),
-        timestamp_ns: None,
-        bad_timestamp: None,
-    };
-    let mut deserializer = serde_json::Deserializer::from_slice(payload);
-    let read = serde::de::DeserializeSeed::deserialize(&mut top, &mut deserializer)
-        .and_then(|()| deserializer.end());
-    if let Some(key) = top.bad_timestamp {
-        return Err(PayloadError::BadTimestamp(key));
+
+    fn write_signals(
+        &mut self,
+        payload: &[u8],
+        signals: &mut RecordWriter,
+    ) -> Result<Option<i64>, PayloadError> {
+        let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some() && first != Some(&b'{') {
+            // Valid JSON of another kind is named; anything else is a
+            // syntax error with its place.
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload).map_err(syntax)?;
+            return Err(PayloadError::NotAnObject(kind_of(first)));
+        }
+        self.name.clear();
+        let mut top = TopLevel {
+            out: signals,
+            name: &mut self.name,
+            timestamp_ns: None,
+            bad_timestamp: None,
+        };
+        let mut deserializer = serde_json::Deserializer::from_slice(payload);
+        let read = serde::de::DeserializeSeed::deserialize(&mut top, &mut deserializer)
+            .and_then(|()| deserializer.end());
+        if let Some(key) = top.bad_timestamp {
+            return Err(PayloadError::BadTimestamp(key));
+        }
+        read.map_err(syntax)?;
+        if top.out.is_empty() {
+            return Err(PayloadError::Empty);
+        }
+        Ok(top.timestamp_ns)
     }
-    read.map_err(syntax)?;
-    if top.out.is_empty() {
-        return Err(PayloadError::Empty);
-    }
-    Ok(top.timestamp_ns)
 }
 
 fn syntax(e: serde_json::Error) -> PayloadError {
@@ -98,9 +117,9 @@ fn kind_of(first: Option<&u8>) -> &'static str {
 /// the time and the rest flattened into signals.
 struct TopLevel<'w> {
     out: &'w mut RecordWriter,
-    /// One name buffer for the whole payload: nested names are built in it
-    /// and cut back, not allocated per signal.
-    name: String,
+    /// One name buffer for the whole payload (the reader's): nested names
+    /// are built in it and cut back, not allocated per signal.
+    name: &'w mut String,
     timestamp_ns: Option<i64>,
     /// The key of a timestamp that is not one.
     bad_timestamp: Option<String>,
@@ -124,7 +143,7 @@ impl<'de> Visitor<'de> for &mut TopLevel<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         loop {
             self.name.clear();
-            if map.next_key_seed(KeyInto(&mut self.name))?.is_none() {
+            if map.next_key_seed(KeyInto(&mut *self.name))?.is_none() {
                 return Ok(());
             }
             match self.name.as_str() {
@@ -150,7 +169,7 @@ impl<'de> Visitor<'de> for &mut TopLevel<'_> {
                     }
                 }
                 _ => map.next_value_seed(Flatten {
-                    name: &mut self.name,
+                    name: &mut *self.name,
                     out: self.out,
                 })?,
             }
@@ -328,7 +347,7 @@ mod tests {
     /// Decodes a payload and reads back the record it wrote.
     fn decode(payload: &[u8]) -> Result<(Vec<Signal>, Option<i64>), PayloadError> {
         let mut writer = RecordWriter::new();
-        let timestamp_ns = decode_into(payload, &mut writer)?;
+        let timestamp_ns = JsonReader::default().decode_into(payload, &mut writer)?;
         let record = writer.finish("mqtt", "dev", 1).to_record();
         let Some(record::Value::Signals(signals)) = record.value else {
             panic!("not signals: {record:?}");
@@ -513,10 +532,13 @@ mod tests {
     #[test]
     fn a_refused_payload_leaves_nothing_behind_for_the_next_one() {
         let mut writer = RecordWriter::new();
+        let mut reader = JsonReader::default();
         // `a` is written before `ts` is found bad.
-        assert!(decode_into(br#"{"a": 1, "ts": "soon"}"#, &mut writer).is_err());
+        assert!(reader
+            .decode_into(br#"{"a": 1, "ts": "soon"}"#, &mut writer)
+            .is_err());
         assert!(writer.is_empty());
-        decode_into(br#"{"b": 2}"#, &mut writer).unwrap();
+        reader.decode_into(br#"{"b": 2}"#, &mut writer).unwrap();
         let record = writer.finish("mqtt", "dev", 1).to_record();
         let Some(record::Value::Signals(signals)) = record.value else {
             panic!("not signals");

@@ -503,8 +503,9 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, deliveries: Vec<Del
     let mut slots = Vec::with_capacity(deliveries.len());
     let mut incoming = Vec::with_capacity(deliveries.len());
     let mut signals = RecordWriter::new();
+    let mut json = json::JsonReader::default();
     for Delivery { publish, .. } in &deliveries {
-        match to_record(routes, name, publish, &mut signals) {
+        match to_record(routes, name, publish, &mut json, &mut signals) {
             Ok(record) => {
                 let dedupe = (publish.qos != QoS::AtMostOnce).then(|| DedupeKey {
                     key: [name.as_bytes(), b"/", &publish.pkid.to_be_bytes()].concat(),
@@ -595,6 +596,7 @@ fn to_record(
     routes: &[Route],
     name: &str,
     publish: &Publish,
+    json: &mut json::JsonReader,
     signals: &mut RecordWriter,
 ) -> Result<EncodedRecord, String> {
     let route = routes
@@ -609,8 +611,9 @@ fn to_record(
     };
     Ok(match route.payload {
         PayloadFormat::Json => {
-            let timestamp_ns =
-                json::decode_into(&publish.payload, signals).map_err(|e| e.to_string())?;
+            let timestamp_ns = json
+                .decode_into(&publish.payload, signals)
+                .map_err(|e| e.to_string())?;
             signals.finish(name, device_id, timestamp_ns.unwrap_or_else(crate::now_ns))
         }
         PayloadFormat::Raw => RecordWriter::raw(
