@@ -495,6 +495,8 @@ pub struct AgentOptions {
     /// Connect to the broker's TLS listener, at `localhost`, with this CA
     /// file, client certificate and key.
     pub mqtt_tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// `--worker-threads` (default: the agent's own, one).
+    pub worker_threads: Option<u16>,
 }
 
 impl AgentOptions {
@@ -510,6 +512,7 @@ impl AgentOptions {
             shared_group: None,
             keep_alive_secs: 30,
             mqtt_tls: None,
+            worker_threads: None,
         }
     }
 }
@@ -697,6 +700,9 @@ metrics:
             .env("RUST_LOG", "info");
         if let Some(node) = &o.node {
             command.arg("--node-name").arg(node);
+        }
+        if let Some(threads) = o.worker_threads {
+            command.arg("--worker-threads").arg(threads.to_string());
         }
         let mut proc = Proc::spawn(
             &format!("edge-agent {}", o.id),

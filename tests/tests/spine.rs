@@ -115,7 +115,12 @@ fn a_steady_stream_is_stored_exactly_once_in_order() {
 fn sigkill_of_the_agent_under_load_loses_and_duplicates_nothing() {
     let mut fleet = Fleet::new(&["gw-1"]).unwrap();
     fleet.start_ingest().unwrap();
-    let agent = AgentOptions::new("gw-1");
+    // Every other test runs the agent on its default single runtime
+    // thread; this one holds a runtime of several to the same guarantees.
+    let agent = AgentOptions {
+        worker_threads: Some(3),
+        ..AgentOptions::new("gw-1")
+    };
     let mut proc = fleet.start_agent(&agent).unwrap();
     let (devices, messages) = (4, 1500);
     let mut publisher = fleet.publish(devices, messages, 1500, 0).unwrap();
