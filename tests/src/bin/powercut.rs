@@ -97,18 +97,7 @@ fn numbered(n: u64, seq: u64, device: &str) -> Record {
         device_id: device.into(),
         timestamp_ns: 1_700_000_000_000_000_000 + n as i64,
         value: Some(record::Value::Signals(Signals {
-            signals: vec![
-                Signal {
-                    name: NUMBER.into(),
-                    value: Some(signal::Value::I64(n as i64)),
-                    ..Default::default()
-                },
-                Signal {
-                    name: "pad".into(),
-                    value: Some(signal::Value::Str(pad)),
-                    ..Default::default()
-                },
-            ],
+            signals: vec![Signal::i64(NUMBER, n as i64), Signal::str("pad", pad)],
         })),
     }
 }
