@@ -124,6 +124,7 @@ async fn run(secs: u64, total: u64, appenders: u64, batch: usize, dedupe: bool) 
                                 .concat(),
                             fingerprint: [(i + k) as u8; 16],
                             redelivery: false,
+                            earlier_fingerprint: None,
                         });
                         Incoming { record, dedupe }
                     })

@@ -548,7 +548,10 @@ impl Committer {
             let Incoming { record, dedupe } = incoming;
             if let Some(d) = dedupe {
                 let seen = group.dedupe.get(&d.key).or_else(|| self.dedupe.get(&d.key));
-                if d.redelivery && seen == Some(&d.fingerprint) {
+                let matches = |seen: &[u8; 16]| {
+                    *seen == d.fingerprint || Some(*seen) == d.earlier_fingerprint
+                };
+                if d.redelivery && seen.is_some_and(matches) {
                     self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
                     outcomes.push(Outcome::Duplicate);
                     continue;

@@ -151,6 +151,12 @@ pub struct DedupeKey {
     pub key: Vec<u8>,
     /// e.g. a hash of topic and payload.
     pub fingerprint: [u8; 16],
+    /// The same message's fingerprint as an earlier version of the source
+    /// computed it, if that differs: a redelivery matching either is a
+    /// duplicate, so a memory written before an upgrade still recognises
+    /// the messages the broker redelivers after it. Sources need to set it
+    /// only on redeliveries, where it costs nothing in the common case.
+    pub earlier_fingerprint: Option<[u8; 16]>,
     /// The source says this is a redelivery (the MQTT DUP flag).
     pub redelivery: bool,
 }

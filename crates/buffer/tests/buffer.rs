@@ -227,6 +227,7 @@ async fn a_redelivery_is_recognised_by_key_and_fingerprint() {
             key: b"mqtt/7".to_vec(),
             fingerprint: [fp; 16],
             redelivery,
+            earlier_fingerprint: None,
         });
         incoming
     };
@@ -248,6 +249,55 @@ async fn a_redelivery_is_recognised_by_key_and_fingerprint() {
     let after = buffer.append(vec![with_key(b"b", 2, true)]).await.unwrap();
     assert_eq!(after, [Outcome::Duplicate]);
     assert_eq!(buffer.stats().duplicates_total, 1);
+}
+
+/// An upgrade that changes how the source fingerprints: the memory holds
+/// the old fingerprints, the redeliveries after the restart carry the new
+/// one and the old one as `earlier_fingerprint`.
+#[tokio::test]
+async fn a_redelivery_after_a_change_of_fingerprint_matches_the_earlier_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_key = |id: u8, fp: u8, earlier: Option<u8>, redelivery: bool| {
+        let mut incoming = record("d", &[id]);
+        incoming.dedupe = Some(DedupeKey {
+            key: [b"mqtt/".as_slice(), &[0, id]].concat(),
+            fingerprint: [fp; 16],
+            redelivery,
+            earlier_fingerprint: earlier.map(|e| [e; 16]),
+        });
+        incoming
+    };
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    // Stored by the old version, whose fingerprints were 10 and 11.
+    let old = vec![with_key(1, 10, None, false), with_key(2, 11, None, false)];
+    assert_eq!(
+        buffer.append(old).await.unwrap(),
+        [Outcome::Stored(1), Outcome::Stored(2)]
+    );
+    buffer.close().await.unwrap();
+    drop(buffer);
+
+    let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
+    let redelivered = vec![
+        // The same message, in the new fingerprint (20) and the old (10).
+        with_key(1, 20, Some(10), true),
+        // A different message under id 2: neither fingerprint matches.
+        with_key(2, 21, Some(12), true),
+    ];
+    assert_eq!(
+        buffer.append(redelivered).await.unwrap(),
+        [Outcome::Duplicate, Outcome::Stored(3)]
+    );
+    // The earlier fingerprint only counts for a redelivery.
+    let not_flagged = vec![with_key(1, 30, Some(10), false)];
+    assert_eq!(
+        buffer.append(not_flagged).await.unwrap(),
+        [Outcome::Stored(4)]
+    );
+    // And what is remembered from now on is the new fingerprint.
+    let again = vec![with_key(1, 30, Some(99), true)];
+    assert_eq!(buffer.append(again).await.unwrap(), [Outcome::Duplicate]);
+    assert_eq!(buffer.stats().duplicates_total, 2);
 }
 
 #[tokio::test]
@@ -888,6 +938,7 @@ async fn a_format_1_buffer_is_migrated_without_losing_a_record() {
                 key: b"mqtt/1".to_vec(),
                 fingerprint: [9; 16],
                 redelivery: true,
+                earlier_fingerprint: None,
             }),
             ..record("d", b"again")
         }])
@@ -936,6 +987,7 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
             key: format!("mqtt/{}", i % 1500 + if i < 60_000 { 0 } else { 1500 }).into_bytes(),
             fingerprint: [i.to_be_bytes(); 4].concat().try_into().unwrap(),
             redelivery,
+            earlier_fingerprint: None,
         });
         incoming
     };
@@ -1011,6 +1063,7 @@ async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
             key: [&b"broker-a/"[..], &pkid.to_be_bytes()].concat(),
             fingerprint: [message.to_be_bytes(); 4].concat().try_into().unwrap(),
             redelivery,
+            earlier_fingerprint: None,
         });
         incoming
     };
@@ -1064,6 +1117,7 @@ async fn a_large_group_is_stored_in_the_log_without_blob_files() {
                 key: [&b"broker-a/"[..], &(i as u16 + 1).to_be_bytes()].concat(),
                 fingerprint: [i.to_be_bytes(); 4].concat().try_into().unwrap(),
                 redelivery: false,
+                earlier_fingerprint: None,
             });
             incoming
         })
@@ -1089,6 +1143,7 @@ async fn a_large_group_is_stored_in_the_log_without_blob_files() {
             key: [&b"broker-a/"[..], &(i as u16 + 1).to_be_bytes()].concat(),
             fingerprint: [i.to_be_bytes(); 4].concat().try_into().unwrap(),
             redelivery: true,
+            earlier_fingerprint: None,
         });
         assert_eq!(
             buffer.append(vec![again]).await.unwrap(),

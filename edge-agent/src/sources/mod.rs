@@ -4,6 +4,7 @@
 pub mod can;
 pub mod can_records;
 pub mod candump_replay;
+pub mod fingerprint;
 pub mod json;
 pub mod mqtt;
 mod mqtt_session;

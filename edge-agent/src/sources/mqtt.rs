@@ -16,12 +16,11 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use rumqttc::{
     Login, Packet, Publish, QoS, SubAck, Subscribe, SubscribeFilter, SubscribeReasonCode,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::mqtt_session::{self, Connection, SessionError, Settings};
 use super::topic::DevicePattern;
-use super::{json, Source, SourceContext, SourceError};
+use super::{fingerprint, json, Source, SourceContext, SourceError};
 use crate::uplink::Backoff;
 
 pub struct MqttSource {
@@ -504,12 +503,16 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, deliveries: Vec<Del
     let mut incoming = Vec::with_capacity(deliveries.len());
     let mut signals = RecordWriter::new();
     let mut json = json::JsonReader::default();
+    let mut fingerprinter = fingerprint::Fingerprinter::default();
     for Delivery { publish, .. } in &deliveries {
         match to_record(routes, name, publish, &mut json, &mut signals) {
             Ok(record) => {
                 let dedupe = (publish.qos != QoS::AtMostOnce).then(|| DedupeKey {
                     key: [name.as_bytes(), b"/", &publish.pkid.to_be_bytes()].concat(),
-                    fingerprint: fingerprint(publish),
+                    fingerprint: fingerprinter.of(&publish.topic, &publish.payload),
+                    earlier_fingerprint: publish
+                        .dup
+                        .then(|| fingerprint::sha256_v1(&publish.topic, &publish.payload)),
                     redelivery: publish.dup,
                 });
                 incoming.push(Incoming { record, dedupe });
@@ -624,15 +627,6 @@ fn to_record(
             &route.content_type,
         ),
     })
-}
-
-fn fingerprint(publish: &Publish) -> [u8; 16] {
-    let digest = Sha256::new()
-        .chain_update(publish.topic.as_bytes())
-        .chain_update([0u8])
-        .chain_update(&publish.payload)
-        .finalize();
-    digest[..16].try_into().expect("sha256 is 32 bytes")
 }
 
 /// MQTT topic filter matching (`+` one level, `#` the rest).
