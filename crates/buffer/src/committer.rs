@@ -25,7 +25,9 @@
 //!   appends were answered `Stored`, so they count as stored and then
 //!   dropped, like any record dropped from disk.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,6 +119,10 @@ pub(crate) struct Committer {
     /// The last fingerprint per dedupe key, as committed ([`DedupeLog`]).
     dedupe: DedupeMemory,
     dedupe_log: DedupeLog,
+    /// The last group's dedupe map, emptied: a group fills one as large as
+    /// the last, and growing it from nothing each time was a rehash per
+    /// doubling.
+    spare_dedupe: HashMap<Vec<u8>, [u8; 16]>,
 }
 
 /// Where the dedupe memory is stored: each group's updates as values
@@ -280,6 +286,7 @@ impl Committer {
             lens: Vec::new(),
             dedupe,
             dedupe_log,
+            spare_dedupe: HashMap::default(),
         }
     }
 
@@ -290,6 +297,7 @@ impl Committer {
         loop {
             let mut group = Group {
                 ack_floor: self.levels.acked_through,
+                dedupe: std::mem::take(&mut self.spare_dedupe),
                 ..Group::default()
             };
             let mut barrier = None;
@@ -732,7 +740,7 @@ impl Committer {
                 self.dead_count += 1;
             }
         }
-        let dedupe_updates = std::mem::take(&mut group.dedupe);
+        let mut dedupe_updates = std::mem::take(&mut group.dedupe);
         // The pass as this group leaves it; kept only if the group commits.
         let mut pass = self.dedupe_log.pass.clone();
         if pass.is_none() && !dedupe_updates.is_empty() {
@@ -815,7 +823,7 @@ impl Committer {
             Ok(()) => {
                 // Only committed fingerprints count: a redelivery of a
                 // message whose record was not stored must be stored.
-                for (key, fingerprint) in dedupe_updates {
+                for (key, fingerprint) in dedupe_updates.drain() {
                     self.dedupe.insert(&key, fingerprint);
                 }
                 let log = &mut self.dedupe_log;
@@ -873,6 +881,8 @@ impl Committer {
                 self.broken = true;
             }
         }
+        dedupe_updates.clear();
+        self.spare_dedupe = dedupe_updates;
         self.trim_dead_letters();
     }
 
