@@ -474,6 +474,7 @@ async fn process(
     name: String,
 ) {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut deliveries = Vec::new();
     let mut open = true;
     while open || !pending.is_empty() {
         tokio::select! {
@@ -481,16 +482,14 @@ async fn process(
             Some((ack_ids, result)) = pending.next(), if !pending.is_empty() => {
                 acknowledge(&to_session, &ctx, &name, ack_ids, result).await;
             }
-            first = rx.recv(), if open && pending.len() < MAX_APPENDS_IN_FLIGHT => {
-                let Some(first) = first else { open = false; continue };
-                let mut deliveries = vec![first];
-                while deliveries.len() < MAX_MESSAGES_PER_APPEND {
-                    match rx.try_recv() {
-                        Ok(d) => deliveries.push(d),
-                        Err(_) => break,
-                    }
+            // `recv_many` takes what is queued at once, and frees the
+            // channel's slots in one step instead of one per message.
+            _ = rx.recv_many(&mut deliveries, MAX_MESSAGES_PER_APPEND), if open && pending.len() < MAX_APPENDS_IN_FLIGHT => {
+                if deliveries.is_empty() {
+                    open = false;
+                    continue;
                 }
-                pending.push_back(append(&ctx, &routes, &name, deliveries));
+                pending.push_back(append(&ctx, &routes, &name, std::mem::take(&mut deliveries)));
             }
         }
     }
