@@ -118,7 +118,16 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         super::stored(metrics_port) as f64
     });
 
+    // Where a tail or a stall may come from: each side's group commits
+    // (write and fsync), which every record waits for twice.
+    let commit_histograms = || {
+        (
+            super::histogram_buckets(options.metrics_port, "edge_buffer_commit_seconds"),
+            super::histogram_buckets(metrics_port, "ingest_commit_seconds"),
+        )
+    };
     // Full load.
+    let commits_before_full = commit_histograms();
     let cpu0 = CpuUse::now(broker_pid, Some((agent_pid, ingest_pid)));
     let full_start_ns = mqtt::now_ns();
     let full = mqtt::publish(
@@ -140,6 +149,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         fleet.stored()
     );
     let full_done = origin.elapsed().as_secs_f64();
+    let commits_after_full = commit_histograms();
     let full_cpu = CpuUse::now(broker_pid, Some((agent_pid, ingest_pid))).since(&cpu0);
     let samples = sampler.samples();
     // Sustained: from 20 % into the phase until the last record was stored
@@ -154,14 +164,6 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     // stays busy for a second or two after the last record is stored.
     tokio::time::sleep(SETTLE).await;
     let half_rate = (sustained / 2.0).max(1.0);
-    // Where a half-load tail may come from: each side's group commits
-    // (write and fsync), which every record waits for twice.
-    let commit_histograms = || {
-        (
-            super::histogram_buckets(options.metrics_port, "edge_buffer_commit_seconds"),
-            super::histogram_buckets(metrics_port, "ingest_commit_seconds"),
-        )
-    };
     let commits_before_half = commit_histograms();
     let half_start_ns = mqtt::now_ns();
     let half = mqtt::publish(
@@ -287,42 +289,11 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
             result.figures.push(f);
         }
     }
-    // 12.8 ms: a bucket bound of both histograms, and more than half the
-    // latency target spent in one commit.
-    const SLOW_COMMIT: f64 = 0.0128;
-    for (side, before, after) in [
-        (
-            "agent buffer",
-            &commits_before_half.0,
-            &commits_after_half.0,
-        ),
-        (
-            "ingest store",
-            &commits_before_half.1,
-            &commits_after_half.1,
-        ),
+    for (load, before, after) in [
+        ("half load", &commits_before_half, &commits_after_half),
+        ("full load", &commits_before_full, &commits_after_full),
     ] {
-        let tail = super::CommitTail::between(before, after, SLOW_COMMIT);
-        result.figure(
-            &format!("half load: {side} group commits"),
-            tail.commits,
-            "commits",
-        );
-        result.figure(
-            &format!("half load: {side} group commit p99 at most"),
-            tail.p99_at_most * 1000.0,
-            "ms",
-        );
-        result.figure(
-            &format!("half load: {side} group commits over 12.8 ms"),
-            tail.slower,
-            "commits",
-        );
-        result.figure(
-            &format!("half load: {side} slowest group commit at most"),
-            tail.max_at_most * 1000.0,
-            "ms",
-        );
+        commit_figures(&mut result, load, before, after);
     }
     result.figure(
         "broker alone at half its ceiling: rate",
@@ -450,5 +421,46 @@ impl CpuUse {
             busy: self.busy - earlier.busy,
             total: self.total - earlier.total,
         }
+    }
+}
+
+type CommitHistograms = (Vec<(f64, f64)>, Vec<(f64, f64)>);
+
+/// Each side's group commits in one phase: how many, their p99 and slowest
+/// (as bucket bounds), and how many took over 12.8 ms.
+fn commit_figures(
+    result: &mut ScenarioResult,
+    load: &str,
+    before: &CommitHistograms,
+    after: &CommitHistograms,
+) {
+    // 12.8 ms: a bucket bound of both histograms, and more than half the
+    // half-load latency target spent in one commit.
+    const SLOW_COMMIT: f64 = 0.0128;
+    for (side, before, after) in [
+        ("agent buffer", &before.0, &after.0),
+        ("ingest store", &before.1, &after.1),
+    ] {
+        let tail = super::CommitTail::between(before, after, SLOW_COMMIT);
+        result.figure(
+            &format!("{load}: {side} group commits"),
+            tail.commits,
+            "commits",
+        );
+        result.figure(
+            &format!("{load}: {side} group commit p99 at most"),
+            tail.p99_at_most * 1000.0,
+            "ms",
+        );
+        result.figure(
+            &format!("{load}: {side} group commits over 12.8 ms"),
+            tail.slower,
+            "commits",
+        );
+        result.figure(
+            &format!("{load}: {side} slowest group commit at most"),
+            tail.max_at_most * 1000.0,
+            "ms",
+        );
     }
 }
