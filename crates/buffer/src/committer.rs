@@ -26,12 +26,11 @@
 //!   dropped, like any record dropped from disk.
 
 use std::collections::VecDeque;
-
-use foldhash::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use tokio::sync::{oneshot, watch};
 
 use crate::dedupe::{self, DedupeMemory, Position};
