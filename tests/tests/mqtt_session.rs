@@ -1,11 +1,17 @@
 //! The agent's own MQTT connection against a real Mosquitto: a broker that
-//! is killed and restarted, one that freezes, an idle link kept alive, and
-//! TLS with client certificates. Every test counts what the store holds.
+//! is killed and restarted, one that freezes, an idle link kept alive, TLS
+//! with client certificates, and the messages in flight when an agent that
+//! fingerprinted them differently stopped. Every test counts what the
+//! store holds.
 
 use std::time::Duration;
 
+use edgefleet_buffer::{Buffer, BufferOptions, DedupeKey, Incoming};
+use edgefleet_proto::{record, Record, Signal as RecordSignal, Signals};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS};
+use sha2::{Digest, Sha256};
 
 use edgefleet_tests::{http_get, metric, wait_until, AgentOptions, BrokerTls, Fleet, Mosquitto};
 
@@ -181,4 +187,123 @@ fn a_tls_broker_is_read_with_the_agents_certificate_and_a_wrong_ca_is_named() {
         log.contains("TLS handshake with localhost:") && log.contains("invalid peer certificate"),
         "the stranger's log does not name the TLS failure:\n{log}"
     );
+}
+
+/// The fingerprint agents wrote before they used XXH3: SHA-256 of topic, a
+/// zero byte and payload, first 16 bytes.
+fn sha256_fingerprint(publish: &Publish) -> [u8; 16] {
+    let digest = Sha256::new()
+        .chain_update(publish.topic.as_bytes())
+        .chain_update([0u8])
+        .chain_update(&publish.payload)
+        .finalize();
+    digest[..16].try_into().unwrap()
+}
+
+/// Takes the agent's persistent session as an older agent would have had
+/// it: subscribed, `count` messages delivered and none acknowledged. Returns
+/// the messages as the broker delivered them (packet ids included).
+fn deliver_without_acknowledging(fleet: &Fleet, client_id: &str, count: usize) -> Vec<Publish> {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", fleet.mqtt.port);
+    options
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(30));
+    let (client, mut connection) = Client::new(options, 2 * count);
+    client
+        .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+        .unwrap();
+    let mut delivered = Vec::new();
+    for event in connection.iter() {
+        match event.expect("the broker connection") {
+            Event::Incoming(Packet::SubAck(_)) => {
+                for n in 0..count {
+                    let topic = format!("devices/d-{}/telemetry", n % 4);
+                    let payload = format!("{{\"n\":{n},\"temp\":21.5}}");
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .unwrap();
+                }
+            }
+            Event::Incoming(Packet::Publish(publish)) => {
+                delivered.push(publish);
+                if delivered.len() == count {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    // Gone without a PUBACK: the broker keeps the messages for the session
+    // and sends them again, flagged DUP, when the client id returns.
+    drop(connection);
+    delivered
+}
+
+/// An upgrade from an agent that fingerprinted messages with SHA-256,
+/// killed after its buffer committed messages and before it acknowledged
+/// them to the broker: the broker redelivers them to the new agent, which
+/// fingerprints with XXH3, and each must still be stored once.
+#[test]
+fn messages_in_flight_across_a_change_of_fingerprint_are_stored_once() {
+    const MESSAGES: usize = 24;
+    let mut fleet = Fleet::new(&["gw-1"]).unwrap();
+    fleet.start_ingest().unwrap();
+    let agent = AgentOptions::new("gw-1");
+    let delivered = deliver_without_acknowledging(&fleet, &agent.client_id, MESSAGES);
+
+    // What the old agent's buffer held: the records, committed with its
+    // dedupe keys (source name, packet id) and SHA-256 fingerprints.
+    let records: Vec<Incoming> = delivered
+        .iter()
+        .map(|publish| {
+            let device = publish.topic.split('/').nth(1).unwrap().to_string();
+            let mut incoming = Incoming::from(Record {
+                seq: 0,
+                source: "mqtt".into(),
+                device_id: device,
+                timestamp_ns: 1_700_000_000_000_000_000,
+                value: Some(record::Value::Signals(Signals {
+                    signals: vec![RecordSignal::str(
+                        "payload",
+                        String::from_utf8_lossy(&publish.payload),
+                    )],
+                })),
+            });
+            incoming.dedupe = Some(DedupeKey {
+                key: [&b"mqtt/"[..], &publish.pkid.to_be_bytes()].concat(),
+                fingerprint: sha256_fingerprint(publish),
+                earlier_fingerprint: None,
+                redelivery: false,
+            });
+            incoming
+        })
+        .collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (buffer, _) =
+            Buffer::open(BufferOptions::new(fleet.agent_data_dir(&agent.id))).unwrap();
+        buffer.append(records).await.unwrap();
+        buffer.close().await.unwrap();
+    });
+
+    let proc = fleet.start_agent(&agent).unwrap();
+    let deduplicated = || {
+        http_get(agent.metrics_port, "/metrics")
+            .ok()
+            .and_then(|text| metric(&text, "edge_redeliveries_deduplicated", ""))
+            .unwrap_or(0.0)
+    };
+    assert!(
+        wait_until(DRAIN, || fleet.stored() >= MESSAGES as u64
+            && deduplicated() >= MESSAGES as f64),
+        "stored {}, redeliveries recognised {}; agent log ends:\n{}",
+        fleet.stored(),
+        deduplicated(),
+        proc.log_tail(30)
+    );
+    // Time for a (wrong) second copy to arrive.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.stored(), MESSAGES as u64, "each message stored once");
+    assert_eq!(deduplicated(), MESSAGES as f64);
 }
