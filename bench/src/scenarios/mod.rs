@@ -241,6 +241,21 @@ pub fn value_at(samples: &[(f64, f64)], t: f64) -> f64 {
     before.1
 }
 
+/// The longest time, between `from` and `to`, over which the counter did
+/// not move (as far as its samples tell): a stall shows here even when the
+/// rate over the whole phase looks fine.
+pub fn longest_flat(samples: &[(f64, f64)], from: f64, to: f64) -> f64 {
+    let mut longest: f64 = 0.0;
+    let mut moved_at: Option<(f64, f64)> = None;
+    for &(t, v) in samples.iter().filter(|(t, _)| (from..=to).contains(t)) {
+        match moved_at {
+            Some((since, value)) if v == value => longest = longest.max(t - since),
+            _ => moved_at = Some((t, v)),
+        }
+    }
+    longest
+}
+
 /// The first time the counter reached `value`.
 pub fn time_reaching(samples: &[(f64, f64)], value: f64) -> Option<f64> {
     samples.iter().find(|(_, v)| *v >= value).map(|(t, _)| *t)
@@ -307,5 +322,28 @@ mod commit_tail_tests {
         assert_eq!(tail.max_at_most, 0.0256);
         let tail = CommitTail::between(&after, &after, 0.0128);
         assert_eq!((tail.commits, tail.slower), (0.0, 0.0));
+    }
+}
+
+#[cfg(test)]
+mod longest_flat_tests {
+    use super::longest_flat;
+
+    #[test]
+    fn the_longest_stretch_without_a_change_inside_the_window() {
+        let samples = [
+            (0.0, 0.0),
+            (1.0, 5.0),
+            (2.0, 5.0),
+            (3.0, 5.0),
+            (4.0, 9.0),
+            (5.0, 9.0),
+            (6.0, 12.0),
+        ];
+        assert_eq!(longest_flat(&samples, 0.0, 6.0), 2.0);
+        // The window cuts the long stretch to what lies inside it.
+        assert_eq!(longest_flat(&samples, 2.0, 6.0), 1.0);
+        assert_eq!(longest_flat(&samples, 0.0, 1.0), 0.0);
+        assert_eq!(longest_flat(&[], 0.0, 6.0), 0.0);
     }
 }

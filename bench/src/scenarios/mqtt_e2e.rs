@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use cloud_ingest::query::{Query, RecordSource};
 use edgefleet_tests::{AgentOptions, Fleet};
 
-use super::{histogram, latency_figures, mib, rate_series, value_at, wait_until, Sampler};
+use super::{
+    histogram, latency_figures, longest_flat, mib, rate_series, time_reaching, value_at,
+    wait_until, Sampler,
+};
 use crate::mqtt::{self, Counter};
 use crate::report::{ScenarioResult, Series};
 use crate::sys;
@@ -275,6 +278,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
     for f in latency_figures("latency publish→stored, full load,", &h_full) {
         result.figures.push(f);
     }
+    // From the first record of the phase stored to the last.
+    let first_stored = time_reaching(&samples, baseline as f64 + 1.0).unwrap_or(0.0);
+    result.figure(
+        "full load: longest stretch with nothing stored",
+        longest_flat(&samples, first_stored, full_done),
+        "s",
+    );
     result.figure(
         "half load rate",
         half.messages as f64 / half.seconds,
