@@ -36,7 +36,14 @@ struct Cluster {
 impl Cluster {
     fn connect(kubeconfig: &Path) -> Cluster {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let namespace = format!("pipeline-test-{}", std::process::id());
+        // Unique per run, not only per process: the API server's etcd keeps
+        // what earlier runs wrote, and a reused process id met a pipeline
+        // already at generation 4.
+        let namespace = format!(
+            "pipeline-test-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
         let api = rt.block_on(async {
             let kubeconfig = Kubeconfig::read_from(kubeconfig).unwrap();
             let config =
