@@ -1,7 +1,7 @@
 //! Fingerprints per second for the MQTT source's dedupe memory: XXH3-128
 //! (what the agent computes for every QoS 1 message) against the SHA-256
 //! it computed before (now only for redeliveries), on topics and payloads
-//! the size of the benchmark devices' (~20 and ~93 bytes).
+//! of about the benchmark devices' size (27–28 and 96–98 bytes).
 //!
 //! `cargo run --release -p edge-agent --example fingerprint_bench`
 
