@@ -171,8 +171,7 @@ impl DedupeMemory {
             Some((scope, id)) => match self.scopes.get_mut(scope) {
                 Some(ids) => ids.insert(id, fingerprint),
                 None => {
-                    let mut ids = HashMap::default();
-                    ids.insert(id, fingerprint);
+                    let ids = HashMap::from_iter([(id, fingerprint)]);
                     self.scopes.insert(scope.into(), Scope::Sparse(ids));
                     true
                 }
