@@ -16,6 +16,7 @@ pub mod committer;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod malloc;
 pub mod metrics;
 pub mod query;
 pub mod server;

@@ -207,8 +207,10 @@ fn parse_optional_addr(text: &str) -> Result<OptionalAddr, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    let thresholds = cloud_ingest::malloc::pin_thresholds();
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    tracing::debug!(?thresholds, "the allocator's mmap and trim thresholds");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
