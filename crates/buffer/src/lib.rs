@@ -127,7 +127,7 @@ impl BufferOptions {
             max_bytes: 1 << 30,
             when_full: FullPolicy::Block,
             flush_max_delay: Duration::from_millis(4),
-            flush_append_gap: Duration::from_micros(300),
+            flush_append_gap: Duration::from_micros(100),
             // One full append of the MQTT source.
             flush_gap_min_records: 2048,
             flush_max_records: 50_000,
