@@ -10,21 +10,22 @@
 //! tenth of the ingest's CPU time in `spine` (BENCHMARKS.md, "The store's
 //! log buffers").
 //!
-//! [`pin_thresholds`] sets the mmap threshold to 32 MiB, the ceiling glibc's
-//! own rule would raise it to, and the trim threshold to twice that, as
-//! the rule would. Freed log buffers then go back to the heap and are used
-//! again. The cost is memory: each of the allocator's arenas may keep up to
-//! 64 MiB it no longer uses instead of returning it to the kernel, which a
-//! server can afford and an edge agent could not (so only the ingest does
-//! this).
+//! [`pin_thresholds`] sets the mmap threshold to 1 MiB, above a log
+//! buffer with its alignment, and the trim threshold to 8 MiB: freed log
+//! buffers go back to the heap and are used again, and the free top of an
+//! arena's heap goes back to the kernel once it exceeds 8 MiB. Larger
+//! allocations are still mapped and unmapped. Thresholds of 32 and 64 MiB (glibc's own ceilings) saved the
+//! same CPU and kept more memory (BENCHMARKS.md). An edge agent's memory
+//! is worth more than the faults, so only the ingest does this.
 //!
 //! An operator who set `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_`
 //! keeps their setting.
 
-/// The mmap threshold: glibc's upper bound for its dynamic one on 64-bit.
-pub const MMAP_THRESHOLD: usize = 32 << 20;
-/// The trim threshold: twice the mmap threshold, as glibc's rule sets it.
-pub const TRIM_THRESHOLD: usize = 2 * MMAP_THRESHOLD;
+/// The mmap threshold: above sled's 512 KiB log buffer and its alignment.
+pub const MMAP_THRESHOLD: usize = 1 << 20;
+/// The trim threshold: the free memory an arena keeps before giving some
+/// back (sixteen log buffers).
+pub const TRIM_THRESHOLD: usize = 8 << 20;
 
 /// The environment variables through which glibc takes these settings.
 const OPERATOR_SETTINGS: [&str; 2] = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"];
