@@ -14,9 +14,10 @@
 //! buffer with its alignment, and the trim threshold to 8 MiB: freed log
 //! buffers go back to the heap and are used again, and the free top of an
 //! arena's heap goes back to the kernel once it exceeds 8 MiB. Larger
-//! allocations are still mapped and unmapped. Thresholds of 32 and 64 MiB (glibc's own ceilings) saved the
-//! same CPU and kept more memory (BENCHMARKS.md). An edge agent's memory
-//! is worth more than the faults, so only the ingest does this.
+//! allocations are still mapped and unmapped. Thresholds of 32 and 64 MiB
+//! (glibc's own ceilings) saved the same CPU and kept more memory
+//! (BENCHMARKS.md). An edge agent's memory is worth more than the faults,
+//! so only the ingest does this.
 //!
 //! An operator who set `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_`
 //! keeps their setting.
@@ -24,7 +25,7 @@
 /// The mmap threshold: above sled's 512 KiB log buffer and its alignment.
 pub const MMAP_THRESHOLD: usize = 1 << 20;
 /// The trim threshold: the free memory an arena keeps before giving some
-/// back (sixteen log buffers).
+/// back (about sixteen log buffers).
 pub const TRIM_THRESHOLD: usize = 8 << 20;
 
 /// The environment variables through which glibc takes these settings.
@@ -117,7 +118,8 @@ mod tests {
             touch_and_free();
         }
         let faults = minor_faults_of_this_thread() - before;
-        // Unpinned, each round faults in all 128 pages of a fresh mapping.
+        // Unpinned, each round faults in every page of a fresh mapping
+        // (129 a round here).
         assert!(faults < 100, "{faults} page faults in 100 rounds");
     }
 
