@@ -14,7 +14,7 @@ pub mod encoded;
 mod record_writer;
 pub mod stored_zstd;
 
-pub use record_writer::{EncodedRecord, RecordWriter, SignalValue};
+pub use record_writer::{EncodedRecord, EncodedRecords, RecordWriter, SignalValue};
 
 /// The protocol revision this crate describes (`Hello.protocol_revision`).
 pub const PROTOCOL_REVISION: u32 = 1;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgefleet_buffer::{Buffer, BufferOptions, Incoming};
+use edgefleet_buffer::{AppendBatch, Buffer, BufferOptions};
 use edgefleet_proto::EncodedRecord;
 
 use super::{histogram, mib, rate_series, start_ingest, value_at, Sampler};
@@ -153,9 +153,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScenarioResult> {
         producers.push(tokio::spawn(async move {
             let mut i = p * APPEND_CHUNK;
             while !stop.load(Ordering::Relaxed) {
-                let chunk: Vec<Incoming> = (0..APPEND_CHUNK)
-                    .map(|k| Incoming::from(templates[(i + k) % templates.len()].clone()))
-                    .collect();
+                // What the MQTT source does for each message: the record
+                // written at the end of the append's one buffer.
+                let mut chunk = AppendBatch::with_capacity(APPEND_CHUNK, APPEND_CHUNK * 96);
+                for k in 0..APPEND_CHUNK {
+                    chunk.push(&templates[(i + k) % templates.len()], None);
+                }
                 i += APPEND_CHUNK;
                 if buffer.append(chunk).await.is_err() {
                     break;

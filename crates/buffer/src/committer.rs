@@ -36,7 +36,7 @@ use tokio::sync::{oneshot, watch};
 use crate::dedupe::{self, DedupeMemory, Position};
 use crate::{keys, open, segment};
 use crate::{
-    BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Incoming, Levels, Outcome,
+    AppendBatch, BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Levels, Outcome,
 };
 use edgefleet_sled_sync::DiskSync;
 
@@ -47,7 +47,7 @@ pub(crate) type SharedDb = Arc<std::sync::RwLock<Option<sled::Db>>>;
 
 pub(crate) enum Op {
     Append {
-        records: Vec<Incoming>,
+        records: AppendBatch,
         reply: Reply<Vec<Outcome>>,
     },
     DeadLetter(DeadLetter),
@@ -525,12 +525,12 @@ impl Committer {
         }
     }
 
-    fn append(&mut self, records: Vec<Incoming>, reply: Reply<Vec<Outcome>>, group: &mut Group) {
+    fn append(&mut self, mut records: AppendBatch, reply: Reply<Vec<Outcome>>, group: &mut Group) {
         // Sizes as counted until sealed: each record's entry with the
         // longest sequence number, and a header per segment.
         let mut lens = std::mem::take(&mut self.lens);
         lens.clear();
-        lens.extend(records.iter().map(|r| r.record.len()));
+        lens.extend(records.records().iter().map(<[u8]>::len));
         // What the append takes on disk at most, with the header of every
         // segment it starts: under `Block` it must fit whole, or a record
         // near the cap would be dropped instead of waiting for room.
@@ -551,8 +551,7 @@ impl Committer {
             return;
         }
         let mut outcomes = Vec::with_capacity(records.len());
-        for (incoming, &len) in records.into_iter().zip(&lens) {
-            let Incoming { record, dedupe } = incoming;
+        for ((record, dedupe), &len) in records.drain().zip(&lens) {
             if let Some(d) = dedupe {
                 let seen = group.dedupe.get(&d.key).or_else(|| self.dedupe.get(&d.key));
                 let matches = |seen: &[u8; 16]| {
@@ -586,7 +585,7 @@ impl Committer {
             if starts_segment {
                 self.segment.start(seq);
             }
-            let pushed = self.segment.push(record.as_bytes()) as u64;
+            let pushed = self.segment.push(record) as u64;
             debug_assert_eq!(pushed + header, size);
             self.levels.next_seq += 1;
             self.levels.records += 1;

@@ -25,6 +25,7 @@
 //! All writes go through one committer thread ([`committer`]); reads run
 //! concurrently on sled's lock-free tree.
 
+mod append_batch;
 mod committer;
 mod dedupe;
 mod keys;
@@ -41,6 +42,7 @@ use edgefleet_proto::encoded::{check_record, BatchBuilder, EncodedBatch};
 use edgefleet_proto::{EncodedRecord, Record};
 use tokio::sync::{oneshot, watch};
 
+pub use append_batch::AppendBatch;
 pub use committer::AnchorOutcome;
 pub use open::{OpenReport, Quarantine};
 
@@ -165,7 +167,9 @@ pub struct DedupeKey {
 ///
 /// The record comes encoded: sources write their records' wire form
 /// directly ([`edgefleet_proto::RecordWriter`]) and the committer thread,
-/// which every append passes through, only copies the bytes.
+/// which every append passes through, only copies the bytes. A source on
+/// the hot path writes into an [`AppendBatch`] instead, which packs the
+/// records of an append into one allocation; a `Vec<Incoming>` becomes one.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub record: EncodedRecord,
@@ -328,14 +332,18 @@ impl Buffer {
     /// (with room for the longest number), with a header per segment. Under
     /// the `Block` policy an append must fit whole by this measure; once
     /// stored, compressed segments count less.
-    pub fn append_size(records: &[Incoming]) -> u64 {
-        let lens: Vec<usize> = records.iter().map(|r| r.record.len()).collect();
+    pub fn append_size(batch: &AppendBatch) -> u64 {
+        let lens: Vec<usize> = batch.records().iter().map(<[u8]>::len).collect();
         segment::measured_total(0, &lens)
     }
 
     /// Appends records; resolves once they are durable (or dropped, or
     /// recognised as duplicates). Under the `Block` policy this waits for room.
-    pub async fn append(&self, records: Vec<Incoming>) -> Result<Vec<Outcome>, BufferError> {
+    pub async fn append(
+        &self,
+        records: impl Into<AppendBatch>,
+    ) -> Result<Vec<Outcome>, BufferError> {
+        let records = records.into();
         let (reply, rx) = oneshot::channel();
         self.inner
             .appends

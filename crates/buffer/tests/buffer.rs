@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use edgefleet_buffer::{
-    AnchorOutcome, Buffer, BufferError, BufferOptions, CommitObserver, DedupeKey, FullPolicy,
-    Incoming, Outcome,
+    AnchorOutcome, AppendBatch, Buffer, BufferError, BufferOptions, CommitObserver, DedupeKey,
+    FullPolicy, Incoming, Outcome,
 };
 use edgefleet_proto::batch_zstd::BatchCompressor;
 use edgefleet_proto::{RawPayload, Record};
@@ -60,7 +60,11 @@ fn drop_oldest_options(dir: &std::path::Path) -> BufferOptions {
 async fn append_groups(buffer: &Buffer, groups: usize) -> u64 {
     for _ in 0..groups {
         buffer
-            .append((0..10).map(|_| record("d", &noise(600))).collect())
+            .append(
+                (0..10)
+                    .map(|_| record("d", &noise(600)))
+                    .collect::<AppendBatch>(),
+            )
             .await
             .unwrap();
     }
@@ -83,7 +87,7 @@ async fn appends_are_numbered_readable_acked_and_resumed_after_reopen() {
     let (buffer, report) = Buffer::open(options(dir.path())).unwrap();
     assert!(report.created && report.quarantined.is_none());
     let outcomes = buffer
-        .append((0..10).map(|i| record("d1", &[i])).collect())
+        .append((0..10).map(|i| record("d1", &[i])).collect::<AppendBatch>())
         .await
         .unwrap();
     assert_eq!(stored(&outcomes), (1..=10).collect::<Vec<_>>());
@@ -118,7 +122,11 @@ async fn drop_oldest_counts_exactly_and_spares_what_may_have_been_sent() {
     let (buffer, _) = Buffer::open(drop_oldest_options(dir.path())).unwrap();
     let payload = noise(1000);
     buffer
-        .append((0..10).map(|_| record("d", &payload)).collect())
+        .append(
+            (0..10)
+                .map(|_| record("d", &payload))
+                .collect::<AppendBatch>(),
+        )
         .await
         .unwrap();
     // Records 1..=10 are handed to the network (reserved as possibly sent).
@@ -185,7 +193,7 @@ async fn block_waits_for_an_ack_to_make_room() {
 /// part with its tail dropped.
 #[tokio::test]
 async fn block_counts_an_append_over_several_segments_whole() {
-    let records = || -> Vec<Incoming> { (0..100).map(|_| record("d", &noise(600))).collect() };
+    let records = || -> AppendBatch { (0..100).map(|_| record("d", &noise(600))).collect() };
     let exact = Buffer::append_size(&records());
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(&dir.path().join("measure"))).unwrap();
@@ -305,7 +313,7 @@ async fn a_fresh_buffer_renumbers_past_what_the_ingest_stored() {
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     buffer
-        .append((0..5).map(|i| record("d", &[i])).collect())
+        .append((0..5).map(|i| record("d", &[i])).collect::<AppendBatch>())
         .await
         .unwrap();
     assert!(!buffer.stats().anchored);
@@ -345,7 +353,7 @@ async fn a_corrupt_buffer_is_quarantined_and_a_fresh_one_started() {
     {
         let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
         buffer
-            .append((0..100).map(|i| record("d", &[i])).collect())
+            .append((0..100).map(|i| record("d", &[i])).collect::<AppendBatch>())
             .await
             .unwrap();
         buffer.close().await.unwrap();
@@ -393,12 +401,12 @@ async fn a_partly_acked_segment_stays_until_its_last_record_is_acked() {
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     // Sequential appends are separate groups: segments 1..=10 and 11..=20.
     buffer
-        .append((0..10).map(|i| record("d", &[i])).collect())
+        .append((0..10).map(|i| record("d", &[i])).collect::<AppendBatch>())
         .await
         .unwrap();
     let first_segment = buffer.stats().bytes;
     buffer
-        .append((10..20).map(|i| record("d", &[i])).collect())
+        .append((10..20).map(|i| record("d", &[i])).collect::<AppendBatch>())
         .await
         .unwrap();
     let both = buffer.stats().bytes;
@@ -445,11 +453,19 @@ async fn reads_start_in_the_middle_of_a_segment_and_keep_the_limits() {
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     buffer
-        .append((0..20).map(|i| record("d", &[i; 10])).collect())
+        .append(
+            (0..20)
+                .map(|i| record("d", &[i; 10]))
+                .collect::<AppendBatch>(),
+        )
         .await
         .unwrap();
     buffer
-        .append((20..30).map(|i| record("d", &[i; 10])).collect())
+        .append(
+            (20..30)
+                .map(|i| record("d", &[i; 10]))
+                .collect::<AppendBatch>(),
+        )
         .await
         .unwrap();
     let read = buffer.read_from(7, 5, usize::MAX).unwrap();
@@ -493,7 +509,11 @@ async fn drop_oldest_drops_whole_unsent_segments_and_counts_them_exactly() {
     buffer.before_send(15).await.unwrap();
     for _ in 0..30 {
         let outcomes = buffer
-            .append((0..10).map(|_| record("d", &noise(600))).collect())
+            .append(
+                (0..10)
+                    .map(|_| record("d", &noise(600)))
+                    .collect::<AppendBatch>(),
+            )
             .await
             .unwrap();
         assert_eq!(stored(&outcomes).len(), 10, "{outcomes:?}");
@@ -556,7 +576,7 @@ async fn drop_oldest_keeps_the_newest_records_of_a_group_larger_than_the_room() 
     let appends: Vec<_> = (0..12)
         .map(|_| {
             let buffer = buffer.clone();
-            let records = (0..10).map(|_| record("d", &noise(600))).collect();
+            let records: AppendBatch = (0..10).map(|_| record("d", &noise(600))).collect();
             tokio::spawn(async move { buffer.append(records).await })
         })
         .collect();
@@ -687,7 +707,13 @@ async fn a_group_is_written_once_its_appends_stop_coming() {
     let (buffer, _) = Buffer::open(opts).unwrap();
     let commits = buffer.stats().commits_total;
     let started = std::time::Instant::now();
-    let append = || buffer.append((0..10).map(|_| record("d", &noise(600))).collect());
+    let append = || {
+        buffer.append(
+            (0..10)
+                .map(|_| record("d", &noise(600)))
+                .collect::<AppendBatch>(),
+        )
+    };
     let (a, b, c, d) = tokio::join!(append(), append(), append(), append());
     for outcome in [a, b, c, d] {
         assert_eq!(stored(&outcome.unwrap()).len(), 10);
@@ -712,13 +738,21 @@ async fn a_small_group_waits_for_company_until_the_max_delay() {
     let (buffer, _) = Buffer::open(opts).unwrap();
     let commits = buffer.stats().commits_total;
     let started = std::time::Instant::now();
-    let first = buffer.append((0..10).map(|_| record("d", &noise(100))).collect());
+    let first = buffer.append(
+        (0..10)
+            .map(|_| record("d", &noise(100)))
+            .collect::<AppendBatch>(),
+    );
     let second = async {
         // Well past the gap: without the minimum the first append would
         // have been committed alone by now.
         tokio::time::sleep(Duration::from_millis(100)).await;
         buffer
-            .append((0..10).map(|_| record("d", &noise(100))).collect())
+            .append(
+                (0..10)
+                    .map(|_| record("d", &noise(100)))
+                    .collect::<AppendBatch>(),
+            )
             .await
     };
     let (a, b) = tokio::join!(first, second);
@@ -777,7 +811,11 @@ async fn an_anchor_renumbers_every_segment() {
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     for s in 0..3u8 {
         buffer
-            .append((0..3).map(|i| record("d", &[s, i])).collect())
+            .append(
+                (0..3)
+                    .map(|i| record("d", &[s, i]))
+                    .collect::<AppendBatch>(),
+            )
             .await
             .unwrap();
     }
@@ -826,7 +864,11 @@ async fn a_damaged_segment_is_skipped_and_counted() {
         let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
         for s in 0..3u8 {
             buffer
-                .append((0..5).map(|i| record("d", &[s, i])).collect())
+                .append(
+                    (0..5)
+                        .map(|i| record("d", &[s, i]))
+                        .collect::<AppendBatch>(),
+                )
                 .await
                 .unwrap();
         }
@@ -997,7 +1039,7 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
                 .append(
                     (chunk * 1000..(chunk + 1) * 1000)
                         .map(|i| keyed(i, false))
-                        .collect(),
+                        .collect::<AppendBatch>(),
                 )
                 .await
                 .unwrap();
@@ -1072,7 +1114,12 @@ async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
     let pkid = |message: u32| (message % 65_535 + 1) as u16;
     for chunk in (0..70_000u32).collect::<Vec<_>>().chunks(5_000) {
         let outcomes = buffer
-            .append(chunk.iter().map(|&m| keyed(pkid(m), m, false)).collect())
+            .append(
+                chunk
+                    .iter()
+                    .map(|&m| keyed(pkid(m), m, false))
+                    .collect::<AppendBatch>(),
+            )
             .await
             .unwrap();
         assert_eq!(stored(&outcomes).len(), chunk.len());
@@ -1229,7 +1276,7 @@ async fn telemetry_is_stored_compressed_and_reads_back_whole() {
             })),
         })
         .collect();
-    let incoming: Vec<Incoming> = records.iter().cloned().map(Incoming::from).collect();
+    let incoming: AppendBatch = records.iter().cloned().map(Incoming::from).collect();
     let uncompressed = Buffer::append_size(&incoming);
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();

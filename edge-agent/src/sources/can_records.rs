@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgefleet_buffer::{BufferError, Incoming, Outcome};
+use edgefleet_buffer::{AppendBatch, BufferError, Outcome};
 use edgefleet_can::{
     CanFrame, DecodeError, DecodedFrame, Decoder, ReduceConfig, ReduceRule, Reducer, SignalValue,
 };
@@ -344,8 +344,10 @@ pub async fn append(ctx: &super::SourceContext, name: &str, records: Vec<Encoded
         return true;
     }
     let n = records.len() as u64;
-    let incoming = records.into_iter().map(Incoming::from).collect();
-    match ctx.buffer.append(incoming).await {
+    // Packed here, so the records' own allocations are freed on this
+    // thread, which made them, rather than on the buffer's.
+    let batch = AppendBatch::from(records);
+    match ctx.buffer.append(batch).await {
         Ok(outcomes) => {
             let stored = outcomes
                 .iter()

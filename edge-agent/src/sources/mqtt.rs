@@ -8,9 +8,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgefleet_buffer::{DeadLetter, DedupeKey, Incoming, Outcome};
+use edgefleet_buffer::{AppendBatch, DeadLetter, DedupeKey, Outcome};
 use edgefleet_config::{MqttSource as MqttConfig, PayloadFormat};
-use edgefleet_proto::{EncodedRecord, RecordWriter};
+use edgefleet_proto::RecordWriter;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use rumqttc::{
@@ -499,22 +499,25 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, deliveries: Vec<Del
     // `None` marks a message that did not decode: it is dead-lettered and
     // acknowledged in its turn, and never blocks the ones behind it.
     let mut slots = Vec::with_capacity(deliveries.len());
-    let mut incoming = Vec::with_capacity(deliveries.len());
+    // Records are about as long as their payloads.
+    let payload_bytes = deliveries.iter().map(|d| d.publish.payload.len()).sum();
+    let mut batch = AppendBatch::with_capacity(deliveries.len(), payload_bytes);
     let mut signals = RecordWriter::new();
     let mut json = json::JsonReader::default();
     let mut fingerprinter = fingerprint::Fingerprinter::default();
     for Delivery { publish, .. } in &deliveries {
-        match to_record(routes, name, publish, &mut json, &mut signals) {
-            Ok(record) => {
-                let dedupe = (publish.qos != QoS::AtMostOnce).then(|| DedupeKey {
-                    key: [name.as_bytes(), b"/", &publish.pkid.to_be_bytes()].concat(),
-                    fingerprint: fingerprinter.of(&publish.topic, &publish.payload),
-                    earlier_fingerprint: publish
-                        .dup
-                        .then(|| fingerprint::sha256_v1(&publish.topic, &publish.payload)),
-                    redelivery: publish.dup,
-                });
-                incoming.push(Incoming { record, dedupe });
+        match write_record(routes, name, publish, &mut json, &mut signals, &mut batch) {
+            Ok(()) => {
+                if publish.qos != QoS::AtMostOnce {
+                    batch.dedupe_last(DedupeKey {
+                        key: [name.as_bytes(), b"/", &publish.pkid.to_be_bytes()].concat(),
+                        fingerprint: fingerprinter.of(&publish.topic, &publish.payload),
+                        earlier_fingerprint: publish
+                            .dup
+                            .then(|| fingerprint::sha256_v1(&publish.topic, &publish.payload)),
+                        redelivery: publish.dup,
+                    });
+                }
                 slots.push(true);
             }
             Err(reason) => {
@@ -549,10 +552,10 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, deliveries: Vec<Del
     drop(deliveries);
     let buffer = ctx.buffer.clone();
     Box::pin(async move {
-        let result = if incoming.is_empty() {
+        let result = if batch.is_empty() {
             Ok(Vec::new())
         } else {
-            buffer.append(incoming).await
+            buffer.append(batch).await
         };
         let result = result.map(|outcomes| {
             let mut outcomes = outcomes.into_iter();
@@ -592,15 +595,17 @@ async fn acknowledge(
     }
 }
 
-/// The record of one message, written straight to its wire form (the
-/// buffer stores it as it is).
-fn to_record(
+/// The record of one message, written straight to its wire form at the end
+/// of `batch` (the buffer stores it as it is); nothing is written if the
+/// message does not decode.
+fn write_record(
     routes: &[Route],
     name: &str,
     publish: &Publish,
     json: &mut json::JsonReader,
     signals: &mut RecordWriter,
-) -> Result<EncodedRecord, String> {
+    batch: &mut AppendBatch,
+) -> Result<(), String> {
     let route = routes
         .iter()
         .find(|r| topic_matches(&r.filter, &publish.topic))
@@ -611,21 +616,28 @@ fn to_record(
             .ok_or_else(|| "topic does not match deviceFromTopic".to_string())?,
         None => publish.topic.as_str(),
     };
-    Ok(match route.payload {
+    match route.payload {
         PayloadFormat::Json => {
             let timestamp_ns = json
                 .decode_into(&publish.payload, signals)
                 .map_err(|e| e.to_string())?;
-            signals.finish(name, device_id, timestamp_ns.unwrap_or_else(crate::now_ns))
+            signals.finish_to(
+                batch.records_mut(),
+                name,
+                device_id,
+                timestamp_ns.unwrap_or_else(crate::now_ns),
+            );
         }
-        PayloadFormat::Raw => RecordWriter::raw(
+        PayloadFormat::Raw => RecordWriter::raw_to(
+            batch.records_mut(),
             name,
             device_id,
             crate::now_ns(),
             &publish.payload,
             &route.content_type,
         ),
-    })
+    }
+    Ok(())
 }
 
 /// MQTT topic filter matching (`+` one level, `#` the rest).
