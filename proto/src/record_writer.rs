@@ -296,17 +296,18 @@ impl EncodedRecords {
 
     /// The `index`th record's wire form.
     pub fn get(&self, index: usize) -> Option<&[u8]> {
-        let end = *self.ends.get(index)?;
-        let start = index.checked_sub(1).map_or(0, |before| self.ends[before]);
-        Some(&self.bytes[start..end])
+        (index < self.len()).then(|| self.record(index))
     }
 
     /// Each record's wire form, in order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
-        (0..self.ends.len()).map(|i| {
-            let start = if i == 0 { 0 } else { self.ends[i - 1] };
-            &self.bytes[start..self.ends[i]]
-        })
+        (0..self.len()).map(|index| self.record(index))
+    }
+
+    /// Record `index`, which must be below `len()`.
+    fn record(&self, index: usize) -> &[u8] {
+        let start = index.checked_sub(1).map_or(0, |before| self.ends[before]);
+        &self.bytes[start..self.ends[index]]
     }
 }
 
