@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use edgefleet_buffer::{Buffer, BufferOptions, DedupeKey, Incoming};
+use edgefleet_buffer::{Buffer, BufferOptions, DedupeKey, DedupeScope, Incoming};
 use edgefleet_proto::{record, Record, Signal as RecordSignal, Signals};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -254,36 +254,40 @@ fn messages_in_flight_across_a_change_of_fingerprint_are_stored_once() {
 
     // What the old agent's buffer held: the records, committed with its
     // dedupe keys (source name, packet id) and SHA-256 fingerprints.
-    let records: Vec<Incoming> = delivered
-        .iter()
-        .map(|publish| {
-            let device = publish.topic.split('/').nth(1).unwrap().to_string();
-            let mut incoming = Incoming::from(Record {
-                seq: 0,
-                source: "mqtt".into(),
-                device_id: device,
-                timestamp_ns: 1_700_000_000_000_000_000,
-                value: Some(record::Value::Signals(Signals {
-                    signals: vec![RecordSignal::str(
-                        "payload",
-                        String::from_utf8_lossy(&publish.payload),
-                    )],
-                })),
-            });
-            incoming.dedupe = Some(DedupeKey {
-                key: [&b"mqtt/"[..], &publish.pkid.to_be_bytes()].concat(),
-                fingerprint: sha256_fingerprint(publish),
-                earlier_fingerprint: None,
-                redelivery: false,
-            });
-            incoming
-        })
-        .collect();
+    let records = |scope: DedupeScope| -> Vec<Incoming> {
+        delivered
+            .iter()
+            .map(|publish| {
+                let device = publish.topic.split('/').nth(1).unwrap().to_string();
+                let mut incoming = Incoming::from(Record {
+                    seq: 0,
+                    source: "mqtt".into(),
+                    device_id: device,
+                    timestamp_ns: 1_700_000_000_000_000_000,
+                    value: Some(record::Value::Signals(Signals {
+                        signals: vec![RecordSignal::str(
+                            "payload",
+                            String::from_utf8_lossy(&publish.payload),
+                        )],
+                    })),
+                });
+                incoming.dedupe = Some(DedupeKey {
+                    scope,
+                    id: publish.pkid,
+                    fingerprint: sha256_fingerprint(publish),
+                    earlier_fingerprint: None,
+                    redelivery: false,
+                });
+                incoming
+            })
+            .collect()
+    };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (buffer, _) =
             Buffer::open(BufferOptions::new(fleet.agent_data_dir(&agent.id))).unwrap();
-        buffer.append(records).await.unwrap();
+        let scope = buffer.dedupe_scope("mqtt/");
+        buffer.append(records(scope)).await.unwrap();
         buffer.close().await.unwrap();
     });
 

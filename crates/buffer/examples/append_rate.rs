@@ -113,6 +113,7 @@ async fn run(secs: u64, total: u64, appenders: u64, batch: usize, dedupe: bool) 
         let templates = templates.clone();
         tasks.push(tokio::spawn(async move {
             let mut i = a as usize * 7919;
+            let scope = buffer.dedupe_scope(format!("mqtt-{a}/"));
             let mut pkid: u16 = 0;
             while !stop.load(Ordering::Relaxed) {
                 let chunk: Vec<Incoming> = (0..batch)
@@ -120,8 +121,8 @@ async fn run(secs: u64, total: u64, appenders: u64, batch: usize, dedupe: bool) 
                         pkid = pkid.checked_add(1).unwrap_or(1);
                         let record = templates[(i + k) % templates.len()].clone();
                         let dedupe = dedupe.then(|| DedupeKey {
-                            key: [b"mqtt-".as_slice(), &a.to_be_bytes(), &pkid.to_be_bytes()]
-                                .concat(),
+                            scope,
+                            id: pkid,
                             fingerprint: [(i + k) as u8; 16],
                             redelivery: false,
                             earlier_fingerprint: None,

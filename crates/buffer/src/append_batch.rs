@@ -111,7 +111,11 @@ mod tests {
 
     fn key(n: u8) -> DedupeKey {
         DedupeKey {
-            key: vec![n],
+            scope: crate::DedupeScope {
+                names: 0,
+                number: 0,
+            },
+            id: n.into(),
             fingerprint: [n; 16],
             earlier_fingerprint: None,
             redelivery: false,

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use foldhash::HashMap;
 use tokio::sync::{oneshot, watch};
 
-use crate::dedupe::{self, DedupeMemory, Position};
+use crate::dedupe::{self, DedupeId, DedupeMemory, Position, ScopeNames};
 use crate::{keys, open, segment};
 use crate::{
     AppendBatch, BufferError, BufferOptions, Counters, DeadLetter, FullPolicy, Levels, Outcome,
@@ -87,6 +87,14 @@ pub enum AnchorOutcome {
     Shifted(u64),
 }
 
+/// What the committer shares with the buffer's handles.
+pub(crate) struct Handles {
+    pub shared: SharedDb,
+    pub levels_tx: watch::Sender<Levels>,
+    pub counters: Arc<Counters>,
+    pub scopes: Arc<ScopeNames>,
+}
+
 pub(crate) struct Committer {
     tree: sled::Db,
     /// The database as readers ([`crate::Buffer::read_batch`]) find it;
@@ -117,11 +125,12 @@ pub(crate) struct Committer {
     lens: Vec<usize>,
     /// The last fingerprint per dedupe key, as committed ([`DedupeLog`]).
     dedupe: DedupeMemory,
+    scopes: Arc<ScopeNames>,
     dedupe_log: DedupeLog,
     /// The last group's dedupe map, emptied: a group fills one as large as
     /// the last, and growing it from nothing each time was a rehash per
     /// doubling.
-    spare_dedupe: HashMap<Vec<u8>, [u8; 16]>,
+    spare_dedupe: HashMap<DedupeId, [u8; 16]>,
 }
 
 /// Where the dedupe memory is stored: each group's updates as values
@@ -179,8 +188,8 @@ fn meta_u64(tree: &sled::Db, key: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-fn load_dedupe(tree: &sled::Db) -> (DedupeMemory, DedupeLog) {
-    let mut map = DedupeMemory::default();
+fn load_dedupe(tree: &sled::Db, scopes: &Arc<ScopeNames>) -> (DedupeMemory, DedupeLog) {
+    let mut map = DedupeMemory::new(scopes.clone());
     let mut log = DedupeLog {
         first: 1,
         next: 1,
@@ -188,7 +197,7 @@ fn load_dedupe(tree: &sled::Db) -> (DedupeMemory, DedupeLog) {
     };
     for (key, value) in tree.scan_prefix([keys::DEDUPE]).flatten() {
         if let Ok(fingerprint) = <[u8; 16]>::try_from(value.as_ref()) {
-            map.insert(&key[1..], fingerprint);
+            map.insert_stored(&key[1..], fingerprint);
             log.legacy = true;
         }
     }
@@ -229,7 +238,7 @@ struct Group {
     appended: u64,
     appends: Vec<(Reply<Vec<Outcome>>, Vec<Outcome>)>,
     done: Vec<Reply<()>>,
-    dedupe: HashMap<Vec<u8>, [u8; 16]>,
+    dedupe: HashMap<DedupeId, [u8; 16]>,
     /// Records already deleted in this (unapplied) batch, by acks and drops.
     ack_floor: u64,
     /// Segments starting in `drop_start..drop_cursor` were dropped in this
@@ -256,16 +265,20 @@ struct SealedSegment {
 impl Committer {
     pub fn new(
         tree: sled::Db,
-        shared: SharedDb,
         disk: DiskSync,
         options: BufferOptions,
         levels: Levels,
-        levels_tx: watch::Sender<Levels>,
-        counters: Arc<Counters>,
+        handles: Handles,
     ) -> Self {
+        let Handles {
+            shared,
+            levels_tx,
+            counters,
+            scopes,
+        } = handles;
         let sent_reserved = meta_u64(&tree, keys::META_SENT_RESERVED);
         let dead_count = tree.scan_prefix([keys::DEAD]).count() as u64;
-        let (dedupe, dedupe_log) = load_dedupe(&tree);
+        let (dedupe, dedupe_log) = load_dedupe(&tree, &scopes);
         Self {
             tree,
             shared,
@@ -284,6 +297,7 @@ impl Committer {
             sealer: segment::Sealer::default(),
             lens: Vec::new(),
             dedupe,
+            scopes,
             dedupe_log,
             spare_dedupe: HashMap::default(),
         }
@@ -416,6 +430,7 @@ impl Committer {
             options,
             levels_tx,
             counters,
+            scopes,
             ..
         } = self;
         // sled admits one opening of a directory: every handle must go.
@@ -441,9 +456,13 @@ impl Committer {
                     tracing::info!(dir = %dir.display(), records = levels.records, "buffer reopened after a failed write");
                     *shared.write().unwrap_or_else(|p| p.into_inner()) = Some(tree.clone());
                     levels_tx.send_replace(levels);
-                    return Committer::new(
-                        tree, shared, disk, options, levels, levels_tx, counters,
-                    );
+                    let handles = Handles {
+                        shared,
+                        levels_tx,
+                        counters,
+                        scopes,
+                    };
+                    return Committer::new(tree, disk, options, levels, handles);
                 }
                 // A reader may still hold the old database for a moment.
                 Err(e) => {
@@ -552,8 +571,23 @@ impl Committer {
         }
         let mut outcomes = Vec::with_capacity(records.len());
         for ((record, dedupe), &len) in records.drain().zip(&lens) {
+            // A scope of another buffer has no name here to store its keys
+            // under: such a record is stored, and its key forgotten.
+            let dedupe = dedupe.filter(|d| {
+                let known = self.dedupe.knows(d.scope);
+                if !known {
+                    tracing::error!(
+                        "a dedupe key of a scope another buffer named: the record is stored without it, and a redelivery of it would be stored again"
+                    );
+                }
+                known
+            });
             if let Some(d) = dedupe {
-                let seen = group.dedupe.get(&d.key).or_else(|| self.dedupe.get(&d.key));
+                let key = DedupeId {
+                    scope: d.scope.number,
+                    id: d.id,
+                };
+                let seen = group.dedupe.get(&key).or_else(|| self.dedupe.get(key));
                 let matches = |seen: &[u8; 16]| {
                     *seen == d.fingerprint || Some(*seen) == d.earlier_fingerprint
                 };
@@ -562,7 +596,7 @@ impl Committer {
                     outcomes.push(Outcome::Duplicate);
                     continue;
                 }
-                group.dedupe.insert(d.key, d.fingerprint);
+                group.dedupe.insert(key, d.fingerprint);
             }
             let starts_segment = segment::starts_new(self.segment.measure(), len);
             if starts_segment {
@@ -744,7 +778,7 @@ impl Committer {
         if pass.is_none() && !dedupe_updates.is_empty() {
             let new_keys = dedupe_updates
                 .keys()
-                .filter(|key| !self.dedupe.contains_key(key))
+                .filter(|&&key| !self.dedupe.contains(key))
                 .count();
             let keys_after = (self.dedupe.len() + new_keys) as u64;
             if self.dedupe_log.updates + dedupe_updates.len() as u64
@@ -768,15 +802,15 @@ impl Committer {
             pass.resume = self.dedupe.visit_from(
                 pass.resume.as_ref(),
                 SNAPSHOT_SLICE_KEYS,
-                |key, fingerprint| {
-                    entries.push(key, fingerprint);
+                |scope, id, fingerprint| {
+                    entries.push(scope, id, fingerprint);
                     written += 1;
                 },
             );
             pass_finished = pass.resume.is_none();
         }
         for (key, fingerprint) in &dedupe_updates {
-            entries.push(key, fingerprint);
+            entries.push(self.dedupe.name(key.scope), key.id, fingerprint);
         }
         entries.finish();
         let stale = &self.dedupe_log.stale;
@@ -822,7 +856,7 @@ impl Committer {
                 // Only committed fingerprints count: a redelivery of a
                 // message whose record was not stored must be stored.
                 for (key, fingerprint) in dedupe_updates.drain() {
-                    self.dedupe.insert(&key, fingerprint);
+                    self.dedupe.insert(key, fingerprint);
                 }
                 let log = &mut self.dedupe_log;
                 log.updates += written;

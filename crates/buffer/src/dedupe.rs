@@ -1,21 +1,27 @@
 //! The buffer's memory of the last fingerprint committed per dedupe key, and
 //! the encoding of its entries in the dedupe log (see `committer`).
 //!
-//! A key is a scope followed by an id: the MQTT source's are its name, `/`
-//! and the message's 2-byte packet id, so one source has at most 65,535
-//! keys, and all of them are in use after as many messages. Held as a
-//! `HashMap<Vec<u8>, [u8; 16]>`, those took 131,072 buckets of 40 bytes plus
-//! an allocation per key: over 6 MiB of an agent whose budget under load is
-//! 32 MiB, kept for as long as the agent runs (BENCHMARKS.md, "Memory").
+//! A key is a scope and a 16-bit id: the MQTT source's scope is its name
+//! and `/`, its ids the messages' packet ids, so one source has at most
+//! 65,535 keys, and all of them are in use after as many messages. Held as
+//! a `HashMap<Vec<u8>, [u8; 16]>`, those took 131,072 buckets of 40 bytes
+//! plus an allocation per key: over 6 MiB of an agent whose budget under
+//! load is 32 MiB, kept for as long as the agent runs (BENCHMARKS.md,
+//! "Memory"). So each scope keeps its ids in a small map until a table
+//! indexed by id (1 MiB) is the smaller of the two. Keys are kept exactly:
+//! nothing is hashed away.
 //!
-//! So a key is split into its scope (all but its last two bytes) and a
-//! 16-bit id. Each scope keeps its ids in a small map until a table indexed
-//! by id (1 MiB) is the smaller of the two. Keys are kept exactly: nothing is
-//! hashed away, and what is written to disk is the same bytes as before.
+//! A scope is named once and then known by a number ([`ScopeNames`]): a
+//! key as a `Vec` of name and id, made for every message and moved through
+//! two hash maps, was a fifth of the committer thread in `mqtt-e2e`. On
+//! disk a key is the name's bytes and the id's, as it always was.
 //!
 //! The maps hash with foldhash, not std's SipHash: keys are source names
 //! and packet ids, which no device chooses, and SipHash on them was a tenth
 //! of the committer thread in `mqtt-e2e`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use foldhash::HashMap;
 
@@ -25,19 +31,85 @@ use foldhash::HashMap;
 const DENSE_AT: usize = 16_384;
 const IDS: usize = 1 << 16;
 
-/// A place in [`DedupeMemory::visit_from`]'s order.
+/// A place in [`DedupeMemory::visit_from`]'s order: a scope's name and an
+/// id in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Position {
-    Scoped(Box<[u8]>, u16),
-    Short(Box<[u8]>),
+pub(crate) struct Position(Box<[u8]>, u16);
+
+/// One key as the committer holds it: the number its scope's name was
+/// given ([`ScopeNames`]) and the id. A source gives the committer these
+/// rather than bytes, so a message's key costs no allocation and hashes as
+/// one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct DedupeId {
+    pub scope: u32,
+    pub id: u16,
 }
 
-#[derive(Default)]
+/// The names of dedupe scopes and the numbers they were given, shared by the
+/// buffer's handles (sources name their scope once, [`crate::Buffer::dedupe_scope`])
+/// and its committer (which names the scopes it finds on disk, and writes a
+/// scope's name with each of its keys). Numbers live as long as the
+/// [`crate::Buffer`]; only names reach the disk.
+#[derive(Debug)]
+pub(crate) struct ScopeNames {
+    id: u64,
+    names: Mutex<Names>,
+}
+
+impl Default for ScopeNames {
+    fn default() -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        ScopeNames {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            names: Mutex::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Names {
+    numbers: HashMap<Arc<[u8]>, u32>,
+    names: Vec<Arc<[u8]>>,
+}
+
+impl ScopeNames {
+    /// Which of the process's sets of names this is.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The number of scope `name`, given now if it has none.
+    pub fn number(&self, name: &[u8]) -> u32 {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&number) = names.numbers.get(name) {
+            return number;
+        }
+        let number = u32::try_from(names.names.len()).expect("fewer than 2^32 dedupe scopes");
+        let name: Arc<[u8]> = name.into();
+        names.names.push(name.clone());
+        names.numbers.insert(name, number);
+        number
+    }
+
+    /// The names numbered `from` and up, in order.
+    fn names_from(&self, from: usize) -> Vec<Arc<[u8]>> {
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names.names.get(from..).unwrap_or_default().to_vec()
+    }
+}
+
 pub(crate) struct DedupeMemory {
-    scopes: HashMap<Box<[u8]>, Scope>,
-    /// Keys too short to carry an id (no source makes these today).
-    short: HashMap<Box<[u8]>, [u8; 16]>,
+    names: Arc<ScopeNames>,
+    /// By scope number, up to the highest number seen; a scope without ids
+    /// yet holds an empty map, which allocates nothing.
+    scopes: Vec<ScopeIds>,
     len: usize,
+}
+
+struct ScopeIds {
+    name: Arc<[u8]>,
+    ids: Scope,
 }
 
 enum Scope {
@@ -53,6 +125,8 @@ fn bit(id: usize) -> (usize, u64) {
     (id / 64, 1 << (id % 64))
 }
 
+/// A key's bytes as the log stores them: the scope's name, then the id
+/// big-endian.
 fn split(key: &[u8]) -> Option<(&[u8], u16)> {
     let at = key.len().checked_sub(2)?;
     Some((&key[..at], u16::from_be_bytes([key[at], key[at + 1]])))
@@ -151,40 +225,89 @@ impl Scope {
 }
 
 impl DedupeMemory {
+    pub fn new(names: Arc<ScopeNames>) -> Self {
+        DedupeMemory {
+            names,
+            scopes: Vec::new(),
+            len: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<&[u8; 16]> {
-        match split(key) {
-            Some((scope, id)) => self.scopes.get(scope)?.get(id),
-            None => self.short.get(key),
+    /// Whether `scope` is one of these names, learning the names given
+    /// since the last call: a key of a scope of another buffer cannot be
+    /// remembered.
+    pub fn knows(&mut self, scope: crate::DedupeScope) -> bool {
+        if scope.names != self.names.id() {
+            return false;
         }
+        let scope = scope.number as usize;
+        if scope >= self.scopes.len() {
+            let known = self.scopes.len();
+            self.scopes.extend(
+                self.names
+                    .names_from(known)
+                    .into_iter()
+                    .map(|name| ScopeIds {
+                        name,
+                        ids: Scope::Sparse(HashMap::default()),
+                    }),
+            );
+        }
+        scope < self.scopes.len()
     }
 
-    pub fn contains_key(&self, key: &[u8]) -> bool {
+    /// The name of a scope [`Self::knows`].
+    pub fn name(&self, scope: u32) -> &[u8] {
+        &self.scopes[scope as usize].name
+    }
+
+    pub fn get(&self, key: DedupeId) -> Option<&[u8; 16]> {
+        self.scopes.get(key.scope as usize)?.ids.get(key.id)
+    }
+
+    pub fn contains(&self, key: DedupeId) -> bool {
         self.get(key).is_some()
     }
 
-    pub fn insert(&mut self, key: &[u8], fingerprint: [u8; 16]) {
-        let new = match split(key) {
-            Some((scope, id)) => match self.scopes.get_mut(scope) {
-                Some(ids) => ids.insert(id, fingerprint),
-                None => {
-                    let ids = HashMap::from_iter([(id, fingerprint)]);
-                    self.scopes.insert(scope.into(), Scope::Sparse(ids));
-                    true
-                }
-            },
-            None => self.short.insert(key.into(), fingerprint).is_none(),
-        };
+    /// Remembers `fingerprint` for a key of a scope [`Self::knows`].
+    pub fn insert(&mut self, key: DedupeId, fingerprint: [u8; 16]) {
+        let new = self.scopes[key.scope as usize]
+            .ids
+            .insert(key.id, fingerprint);
         self.len += usize::from(new);
     }
 
-    /// Calls `f` with up to `limit` keys and their fingerprints, from
-    /// `from` on (`None`: the first key) in a fixed order: scopes by their
-    /// bytes and ids ascending, then the short keys by their bytes. Returns
-    /// the first key left unvisited, or `None` when it visited the last.
+    /// Remembers `fingerprint` for a key as the log stores it. Returns
+    /// false for a key too short to hold an id, which no source can give
+    /// and so is not kept.
+    pub fn insert_stored(&mut self, key: &[u8], fingerprint: [u8; 16]) -> bool {
+        let Some((name, id)) = split(key) else {
+            return false;
+        };
+        let scope = crate::DedupeScope {
+            names: self.names.id(),
+            number: self.names.number(name),
+        };
+        let known = self.knows(scope);
+        debug_assert!(known, "a scope named here is known");
+        self.insert(
+            DedupeId {
+                scope: scope.number,
+                id,
+            },
+            fingerprint,
+        );
+        true
+    }
+
+    /// Calls `f` with up to `limit` keys (scope name, id) and their
+    /// fingerprints, from `from` on (`None`: the first key) in a fixed
+    /// order: scopes by their names' bytes, ids ascending. Returns the first
+    /// key left unvisited, or `None` when it visited the last.
     ///
     /// This is how a snapshot is written a slice per group: a key inserted
     /// behind the position is not visited, which is right for a snapshot
@@ -193,58 +316,40 @@ impl DedupeMemory {
         &self,
         from: Option<&Position>,
         limit: usize,
-        mut f: impl FnMut(&[u8], &[u8; 16]),
+        mut f: impl FnMut(&[u8], u16, &[u8; 16]),
     ) -> Option<Position> {
         let mut left = limit;
-        let mut key = Vec::new();
-        let mut scopes: Vec<&[u8]> = self.scopes.keys().map(|s| &**s).collect();
-        scopes.sort_unstable();
+        let mut scopes: Vec<&ScopeIds> = self.scopes.iter().collect();
+        scopes.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         for scope in scopes {
             let first_id = match from {
                 None => 0,
-                Some(Position::Scoped(at, id)) => match scope.cmp(at) {
+                Some(Position(at, id)) => match (*scope.name).cmp(at) {
                     std::cmp::Ordering::Less => continue,
                     std::cmp::Ordering::Equal => *id,
                     std::cmp::Ordering::Greater => 0,
                 },
-                Some(Position::Short(_)) => break,
             };
-            let stopped = self.scopes[scope].visit_from(first_id, &mut left, |id, fingerprint| {
-                key.clear();
-                key.extend_from_slice(scope);
-                key.extend_from_slice(&id.to_be_bytes());
-                f(&key, fingerprint);
-            });
+            let stopped = scope
+                .ids
+                .visit_from(first_id, &mut left, |id, fingerprint| {
+                    f(&scope.name, id, fingerprint)
+                });
             if let Some(id) = stopped {
-                return Some(Position::Scoped(scope.into(), id));
+                return Some(Position(scope.name.as_ref().into(), id));
             }
-        }
-        let mut short: Vec<(&[u8], &[u8; 16])> = self
-            .short
-            .iter()
-            .map(|(k, fp)| (&**k, fp))
-            .filter(|(k, _)| match from {
-                Some(Position::Short(at)) => *k >= &**at,
-                _ => true,
-            })
-            .collect();
-        short.sort_unstable();
-        for (k, fingerprint) in short {
-            if left == 0 {
-                return Some(Position::Short(k.into()));
-            }
-            f(k, fingerprint);
-            left -= 1;
         }
         None
     }
 }
 
 /// Appends one entry of the dedupe log's encoding:
-/// `(varint key length, key, 16-byte fingerprint)`.
-pub(crate) fn encode_entry(out: &mut Vec<u8>, key: &[u8], fingerprint: &[u8; 16]) {
-    prost::encoding::encode_varint(key.len() as u64, out);
-    out.extend_from_slice(key);
+/// `(varint key length, key, 16-byte fingerprint)`, the key being the
+/// scope's name and the id big-endian.
+pub(crate) fn encode_entry(out: &mut Vec<u8>, scope: &[u8], id: u16, fingerprint: &[u8; 16]) {
+    prost::encoding::encode_varint(scope.len() as u64 + 2, out);
+    out.extend_from_slice(scope);
+    out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(fingerprint);
 }
 
@@ -268,13 +373,14 @@ impl<'a> LogEntries<'a> {
         }
     }
 
-    pub fn push(&mut self, key: &[u8], fingerprint: &[u8; 16]) {
+    pub fn push(&mut self, scope: &[u8], id: u16, fingerprint: &[u8; 16]) {
+        let key_len = scope.len() + 2;
         let entry_len =
-            prost::encoding::encoded_len_varint(key.len() as u64) + key.len() + fingerprint.len();
+            prost::encoding::encoded_len_varint(key_len as u64) + key_len + fingerprint.len();
         if !self.value.is_empty() && self.value.len() + entry_len > crate::segment::MAX_BYTES {
             self.close();
         }
-        encode_entry(&mut self.value, key, fingerprint);
+        encode_entry(&mut self.value, scope, id, fingerprint);
     }
 
     fn close(&mut self) {
@@ -295,6 +401,7 @@ impl<'a> LogEntries<'a> {
 
 /// Replays one log entry into `into`: the number of updates read, and false
 /// if the entry is damaged (the intact part before the damage is kept).
+/// Keys too short to hold an id are read past and counted, not kept.
 pub(crate) fn decode_into(mut value: &[u8], into: &mut DedupeMemory) -> (u64, bool) {
     let mut n = 0;
     while !value.is_empty() {
@@ -307,7 +414,7 @@ pub(crate) fn decode_into(mut value: &[u8], into: &mut DedupeMemory) -> (u64, bo
         }
         let (key, rest) = value.split_at(len);
         let (fingerprint, rest) = rest.split_at(16);
-        into.insert(key, fingerprint.try_into().expect("16 bytes"));
+        into.insert_stored(key, fingerprint.try_into().expect("16 bytes"));
         value = rest;
         n += 1;
     }
@@ -330,24 +437,53 @@ mod tests {
         fp
     }
 
+    fn memory() -> DedupeMemory {
+        DedupeMemory::new(Arc::new(ScopeNames::default()))
+    }
+
+    /// A key as the log stores it, looked up as the committer does: by its
+    /// scope's number.
+    fn get<'m>(memory: &'m mut DedupeMemory, key: &[u8]) -> Option<&'m [u8; 16]> {
+        let (name, id) = split(key)?;
+        let scope = crate::DedupeScope {
+            names: memory.names.id(),
+            number: memory.names.number(name),
+        };
+        assert!(memory.knows(scope));
+        memory.get(DedupeId {
+            scope: scope.number,
+            id,
+        })
+    }
+
+    fn scope<'m>(memory: &'m DedupeMemory, name: &str) -> &'m Scope {
+        &memory
+            .scopes
+            .iter()
+            .find(|s| *s.name == *name.as_bytes())
+            .unwrap()
+            .ids
+    }
+
     fn contents(memory: &DedupeMemory) -> BTreeMap<Vec<u8>, [u8; 16]> {
         let mut all = BTreeMap::new();
-        let end = memory.visit_from(None, usize::MAX, |key, fp| {
-            assert!(all.insert(key.to_vec(), *fp).is_none(), "{key:?} twice");
+        let end = memory.visit_from(None, usize::MAX, |name, id, fp| {
+            let key = [name, &id.to_be_bytes()].concat();
+            assert!(all.insert(key.clone(), *fp).is_none(), "{key:?} twice");
         });
         assert_eq!(end, None);
         all
     }
 
     /// Every key of two scopes, one past the switch to a table and one not,
-    /// plus keys too short to split, overwritten and read back, against a
-    /// plain map doing the same.
+    /// overwritten and read back, against a plain map doing the same; keys
+    /// too short to hold an id are not kept.
     #[test]
     fn holds_exactly_what_a_map_would_across_the_switch_to_a_table() {
-        let mut memory = DedupeMemory::default();
+        let mut memory = memory();
         let mut expected = BTreeMap::new();
         let mut put = |memory: &mut DedupeMemory, key: Vec<u8>, fp: [u8; 16]| {
-            memory.insert(&key, fp);
+            assert!(memory.insert_stored(&key, fp));
             expected.insert(key, fp);
         };
         for id in 0..=u16::MAX {
@@ -357,24 +493,48 @@ mod tests {
             put(&mut memory, key("other", id), fingerprint(id as u64 + 7));
         }
         for short in [&b""[..], b"a"] {
-            put(&mut memory, short.to_vec(), fingerprint(99));
+            assert!(!memory.insert_stored(short, fingerprint(99)));
         }
         // Overwrites, in the table and in a map.
         put(&mut memory, key("mqtt", 17), fingerprint(1_000));
         put(&mut memory, key("other", 3), fingerprint(1_001));
-        put(&mut memory, b"a".to_vec(), fingerprint(1_002));
 
-        assert!(matches!(memory.scopes[&b"mqtt/"[..]], Scope::Dense { .. }));
-        assert!(matches!(memory.scopes[&b"other/"[..]], Scope::Sparse(_)));
+        assert!(matches!(scope(&memory, "mqtt/"), Scope::Dense { .. }));
+        assert!(matches!(scope(&memory, "other/"), Scope::Sparse(_)));
         assert_eq!(memory.len(), expected.len());
         assert_eq!(contents(&memory), expected);
         for (key, fp) in &expected {
-            assert_eq!(memory.get(key), Some(fp), "{key:?}");
+            assert_eq!(get(&mut memory, key), Some(fp), "{key:?}");
         }
-        assert_eq!(memory.get(&key("other", 1)), None);
-        assert_eq!(memory.get(&key("absent", 1)), None);
-        assert_eq!(memory.get(b"b"), None);
-        assert!(!memory.contains_key(b"mqtt"));
+        assert_eq!(get(&mut memory, &key("other", 1)), None);
+        assert_eq!(get(&mut memory, &key("absent", 1)), None);
+    }
+
+    /// A scope is one buffer's: its number means nothing to another
+    /// buffer's memory, even where that number is in use.
+    #[test]
+    fn a_scope_of_other_names_is_not_known() {
+        let mut memory = memory();
+        assert!(memory.insert_stored(&key("mqtt", 1), fingerprint(1)));
+        let here = crate::DedupeScope {
+            names: memory.names.id(),
+            number: memory.names.number(b"mqtt/"),
+        };
+        let elsewhere = ScopeNames::default();
+        let there = crate::DedupeScope {
+            names: elsewhere.id(),
+            number: elsewhere.number(b"mqtt/"),
+        };
+        assert_eq!(here.number, there.number);
+        assert!(memory.knows(here));
+        assert!(!memory.knows(there));
+        // Named after the memory was made: known from then on.
+        let later = crate::DedupeScope {
+            names: memory.names.id(),
+            number: memory.names.number(b"later/"),
+        };
+        assert!(memory.knows(later));
+        assert_eq!(memory.name(later.number), b"later/");
     }
 
     /// A snapshot pass writes the memory a slice per group while groups
@@ -383,36 +543,40 @@ mod tests {
     #[test]
     fn slices_visit_every_key_there_at_the_start_once_while_keys_are_added() {
         for slice in [1, 7, 1_000, 100_000] {
-            let mut memory = DedupeMemory::default();
-            // Even ids of a table scope, a map scope, and a short key.
+            let mut memory = memory();
+            // Even ids of a table scope, and of two map scopes, one of
+            // them named before the others (numbers are not the order).
+            for id in 0..100u16 {
+                memory.insert_stored(&key("z", id), fingerprint(3));
+            }
             for id in (0..40_000u16).step_by(2) {
-                memory.insert(&key("mqtt", id), fingerprint(id.into()));
+                memory.insert_stored(&key("mqtt", id), fingerprint(id.into()));
             }
             for id in 0..100u16 {
-                memory.insert(&key("a", id), fingerprint(1));
+                memory.insert_stored(&key("a", id), fingerprint(1));
             }
-            memory.insert(b"z", fingerprint(2));
-            assert!(matches!(memory.scopes[&b"mqtt/"[..]], Scope::Dense { .. }));
+            assert!(matches!(scope(&memory, "mqtt/"), Scope::Dense { .. }));
             let at_start: Vec<Vec<u8>> = contents(&memory).into_keys().collect();
 
             let mut seen = Vec::new();
             let mut position = None;
             let mut odd = 1u16;
             loop {
-                position =
-                    memory.visit_from(position.as_ref(), slice, |k, _| seen.push(k.to_vec()));
+                position = memory.visit_from(position.as_ref(), slice, |name, id, _| {
+                    seen.push([name, &id.to_be_bytes()].concat())
+                });
                 if position.is_none() {
                     break;
                 }
                 // New odd ids, behind the position and ahead of it.
-                memory.insert(&key("mqtt", odd), fingerprint(5));
-                memory.insert(&key("mqtt", 39_999 - odd), fingerprint(5));
+                memory.insert_stored(&key("mqtt", odd), fingerprint(5));
+                memory.insert_stored(&key("mqtt", 39_999 - odd), fingerprint(5));
                 odd = (odd + 2) % 39_999;
             }
+            // The order: scopes by their bytes ("a/" < "mqtt/" < "z/"),
+            // ids ascending (big-endian, so byte order too).
             let mut expected = at_start.clone();
-            // The order: scopes by their bytes ("a/" < "mqtt/"), ids
-            // ascending (big-endian, so byte order too), short keys last.
-            expected.sort_by_key(|k| (k.len() < 3, k.clone()));
+            expected.sort();
             let visited_of_start: Vec<Vec<u8>> = seen
                 .iter()
                 .filter(|k| at_start.binary_search(k).is_ok())
@@ -432,24 +596,29 @@ mod tests {
 
     #[test]
     fn a_log_entry_decodes_into_what_was_encoded_and_damage_keeps_the_intact_part() {
-        let entries = [
-            (key("s", 1), fingerprint(1)),
-            (b"x".to_vec(), fingerprint(2)),
-        ];
+        let entries = [(key("s", 1), fingerprint(1)), (key("t", 2), fingerprint(2))];
         let mut value = Vec::new();
         for (key, fp) in &entries {
-            encode_entry(&mut value, key, fp);
+            let (name, id) = split(key).unwrap();
+            encode_entry(&mut value, name, id, fp);
         }
-        let mut memory = DedupeMemory::default();
-        assert_eq!(decode_into(&value, &mut memory), (2, true));
+        // A key too short to hold an id, as only a damaged or foreign log
+        // has: read past, not kept.
+        prost::encoding::encode_varint(1, &mut value);
+        value.push(b'x');
+        value.extend_from_slice(&fingerprint(3));
+        let mut memory = memory();
+        assert_eq!(decode_into(&value, &mut memory), (3, true));
         assert_eq!(contents(&memory), entries.iter().cloned().collect());
 
-        let mut memory = DedupeMemory::default();
+        let mut memory = self::memory();
+        // Cut inside the second entry.
+        let first_len = 1 + key("s", 1).len() + 16;
         assert_eq!(
-            decode_into(&value[..value.len() - 1], &mut memory),
+            decode_into(&value[..first_len + 5], &mut memory),
             (1, false)
         );
-        assert_eq!(memory.get(&key("s", 1)), Some(&fingerprint(1)));
+        assert_eq!(get(&mut memory, &key("s", 1)), Some(&fingerprint(1)));
         assert_eq!(memory.len(), 1);
     }
 }

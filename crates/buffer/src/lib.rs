@@ -145,12 +145,14 @@ impl BufferOptions {
 
 /// Marks a record that its source may deliver more than once (an MQTT QoS 1
 /// message redelivered after a reconnect or a crash). The buffer remembers the
-/// last `fingerprint` seen per `key`; a redelivery with the same key and
-/// fingerprint is recognised and not stored again.
+/// last `fingerprint` seen per key (`scope` and `id`); a redelivery with the
+/// same key and fingerprint is recognised and not stored again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DedupeKey {
-    /// e.g. source name + MQTT packet id.
-    pub key: Vec<u8>,
+    /// The source's scope ([`Buffer::dedupe_scope`]).
+    pub scope: DedupeScope,
+    /// e.g. the MQTT packet id.
+    pub id: u16,
     /// e.g. a hash of topic and payload.
     pub fingerprint: [u8; 16],
     /// The same message's fingerprint as an earlier version of the source
@@ -161,6 +163,19 @@ pub struct DedupeKey {
     pub earlier_fingerprint: Option<[u8; 16]>,
     /// The source says this is a redelivery (the MQTT DUP flag).
     pub redelivery: bool,
+}
+
+/// A namespace of dedupe ids (one per MQTT source), named once with
+/// [`Buffer::dedupe_scope`] and valid for that buffer only. The name is what
+/// the buffer stores with each key, so it must stay the same across
+/// restarts for redeliveries after one to be recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DedupeScope {
+    /// Which buffer's names ([`dedupe::ScopeNames::id`]): a scope given to
+    /// another buffer, or to this directory before it was opened again,
+    /// must not be taken for whichever name has its number here.
+    pub(crate) names: u64,
+    pub(crate) number: u32,
 }
 
 /// A record on its way into the buffer. Its `seq` is assigned by the buffer.
@@ -268,6 +283,7 @@ struct Inner {
     appends: flume::Sender<committer::Op>,
     levels: watch::Receiver<Levels>,
     counters: Arc<Counters>,
+    scopes: Arc<dedupe::ScopeNames>,
     dir: PathBuf,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -297,14 +313,18 @@ impl Buffer {
         // `Block` policy) sources wait here.
         let (appends_tx, appends_rx) = flume::bounded(256);
         let shared: committer::SharedDb = Arc::new(std::sync::RwLock::new(Some(tree.clone())));
+        let scopes = Arc::new(dedupe::ScopeNames::default());
         let committer = committer::Committer::new(
             tree,
-            shared.clone(),
             disk,
             options.clone(),
             levels,
-            levels_tx,
-            counters.clone(),
+            committer::Handles {
+                shared: shared.clone(),
+                levels_tx,
+                counters: counters.clone(),
+                scopes: scopes.clone(),
+            },
         );
         let thread = std::thread::Builder::new()
             .name("buffer-commit".into())
@@ -320,11 +340,21 @@ impl Buffer {
                 appends: appends_tx,
                 levels: levels_rx,
                 counters,
+                scopes,
                 dir: options.buffer_dir(),
                 thread: std::sync::Mutex::new(Some(thread)),
             }),
         };
         Ok((buffer, report))
+    }
+
+    /// The scope of dedupe keys named `name`, the same for every call with
+    /// that name. A source names its scope once and gives it with each key.
+    pub fn dedupe_scope(&self, name: impl AsRef<[u8]>) -> DedupeScope {
+        DedupeScope {
+            names: self.inner.scopes.id(),
+            number: self.inner.scopes.number(name.as_ref()),
+        }
     }
 
     /// What an append of `records` counts against the byte cap before it is

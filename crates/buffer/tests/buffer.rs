@@ -229,32 +229,48 @@ async fn block_counts_an_append_over_several_segments_whole() {
 async fn a_redelivery_is_recognised_by_key_and_fingerprint() {
     let dir = tempfile::tempdir().unwrap();
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
-    let with_key = |payload: &[u8], fp: u8, redelivery: bool| {
+    let with_key = |buffer: &Buffer, payload: &[u8], fp: u8, redelivery: bool| {
         let mut incoming = record("d", payload);
         incoming.dedupe = Some(DedupeKey {
-            key: b"mqtt/7".to_vec(),
+            scope: buffer.dedupe_scope("mqtt/"),
+            id: 7,
             fingerprint: [fp; 16],
             redelivery,
             earlier_fingerprint: None,
         });
         incoming
     };
-    let first = buffer.append(vec![with_key(b"a", 1, false)]).await.unwrap();
+    let first = buffer
+        .append(vec![with_key(&buffer, b"a", 1, false)])
+        .await
+        .unwrap();
     assert_eq!(first, [Outcome::Stored(1)]);
     // Same packet id and content, flagged as a redelivery: not stored twice.
-    let again = buffer.append(vec![with_key(b"a", 1, true)]).await.unwrap();
+    let again = buffer
+        .append(vec![with_key(&buffer, b"a", 1, true)])
+        .await
+        .unwrap();
     assert_eq!(again, [Outcome::Duplicate]);
     // Same packet id reused for new content: stored.
-    let new = buffer.append(vec![with_key(b"b", 2, true)]).await.unwrap();
+    let new = buffer
+        .append(vec![with_key(&buffer, b"b", 2, true)])
+        .await
+        .unwrap();
     assert_eq!(new, [Outcome::Stored(2)]);
     // Identical content not flagged as redelivery (a new message): stored.
-    let fresh = buffer.append(vec![with_key(b"b", 2, false)]).await.unwrap();
+    let fresh = buffer
+        .append(vec![with_key(&buffer, b"b", 2, false)])
+        .await
+        .unwrap();
     assert_eq!(fresh, [Outcome::Stored(3)]);
     // Survives reopening.
     buffer.close().await.unwrap();
     drop(buffer);
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
-    let after = buffer.append(vec![with_key(b"b", 2, true)]).await.unwrap();
+    let after = buffer
+        .append(vec![with_key(&buffer, b"b", 2, true)])
+        .await
+        .unwrap();
     assert_eq!(after, [Outcome::Duplicate]);
     assert_eq!(buffer.stats().duplicates_total, 1);
 }
@@ -265,10 +281,11 @@ async fn a_redelivery_is_recognised_by_key_and_fingerprint() {
 #[tokio::test]
 async fn a_redelivery_after_a_change_of_fingerprint_matches_the_earlier_one() {
     let dir = tempfile::tempdir().unwrap();
-    let with_key = |id: u8, fp: u8, earlier: Option<u8>, redelivery: bool| {
+    let with_key = |buffer: &Buffer, id: u8, fp: u8, earlier: Option<u8>, redelivery: bool| {
         let mut incoming = record("d", &[id]);
         incoming.dedupe = Some(DedupeKey {
-            key: [b"mqtt/".as_slice(), &[0, id]].concat(),
+            scope: buffer.dedupe_scope("mqtt/"),
+            id: id.into(),
             fingerprint: [fp; 16],
             redelivery,
             earlier_fingerprint: earlier.map(|e| [e; 16]),
@@ -277,7 +294,10 @@ async fn a_redelivery_after_a_change_of_fingerprint_matches_the_earlier_one() {
     };
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     // Stored by the old version, whose fingerprints were 10 and 11.
-    let old = vec![with_key(1, 10, None, false), with_key(2, 11, None, false)];
+    let old = vec![
+        with_key(&buffer, 1, 10, None, false),
+        with_key(&buffer, 2, 11, None, false),
+    ];
     assert_eq!(
         buffer.append(old).await.unwrap(),
         [Outcome::Stored(1), Outcome::Stored(2)]
@@ -288,22 +308,22 @@ async fn a_redelivery_after_a_change_of_fingerprint_matches_the_earlier_one() {
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     let redelivered = vec![
         // The same message, in the new fingerprint (20) and the old (10).
-        with_key(1, 20, Some(10), true),
+        with_key(&buffer, 1, 20, Some(10), true),
         // A different message under id 2: neither fingerprint matches.
-        with_key(2, 21, Some(12), true),
+        with_key(&buffer, 2, 21, Some(12), true),
     ];
     assert_eq!(
         buffer.append(redelivered).await.unwrap(),
         [Outcome::Duplicate, Outcome::Stored(3)]
     );
     // The earlier fingerprint only counts for a redelivery.
-    let not_flagged = vec![with_key(1, 30, Some(10), false)];
+    let not_flagged = vec![with_key(&buffer, 1, 30, Some(10), false)];
     assert_eq!(
         buffer.append(not_flagged).await.unwrap(),
         [Outcome::Stored(4)]
     );
     // And what is remembered from now on is the new fingerprint.
-    let again = vec![with_key(1, 30, Some(99), true)];
+    let again = vec![with_key(&buffer, 1, 30, Some(99), true)];
     assert_eq!(buffer.append(again).await.unwrap(), [Outcome::Duplicate]);
     assert_eq!(buffer.stats().duplicates_total, 2);
 }
@@ -976,8 +996,10 @@ async fn a_format_1_buffer_is_migrated_without_losing_a_record() {
     // The dedupe memory came along.
     let redelivered = buffer
         .append(vec![Incoming {
+            // Stored as `mqtt/1`: the scope is all but the last two bytes.
             dedupe: Some(DedupeKey {
-                key: b"mqtt/1".to_vec(),
+                scope: buffer.dedupe_scope("mqtt"),
+                id: u16::from_be_bytes(*b"/1"),
                 fingerprint: [9; 16],
                 redelivery: true,
                 earlier_fingerprint: None,
@@ -1022,11 +1044,12 @@ async fn a_buffer_locked_by_another_instance_is_not_quarantined() {
 #[tokio::test]
 async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
     let dir = tempfile::tempdir().unwrap();
-    let keyed = |i: u32, redelivery: bool| {
+    let keyed = |buffer: &Buffer, i: u32, redelivery: bool| {
         let mut incoming = record("d", &i.to_be_bytes());
         incoming.dedupe = Some(DedupeKey {
-            // Keys 0..1500 until record 60,000, then keys 1500..3000.
-            key: format!("mqtt/{}", i % 1500 + if i < 60_000 { 0 } else { 1500 }).into_bytes(),
+            scope: buffer.dedupe_scope("mqtt/"),
+            // Ids 0..1500 until record 60,000, then ids 1500..3000.
+            id: (i % 1500 + if i < 60_000 { 0 } else { 1500 }) as u16,
             fingerprint: [i.to_be_bytes(); 4].concat().try_into().unwrap(),
             redelivery,
             earlier_fingerprint: None,
@@ -1038,7 +1061,7 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
             let outcomes = buffer
                 .append(
                     (chunk * 1000..(chunk + 1) * 1000)
-                        .map(|i| keyed(i, false))
+                        .map(|i| keyed(&buffer, i, false))
                         .collect::<AppendBatch>(),
                 )
                 .await
@@ -1055,7 +1078,8 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
     // Each key's last fingerprint, written while the pass wrote the same
     // keys' older ones, is what a restart remembers.
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
-    let last_of_each_key: Vec<Incoming> = (77_500..79_000).map(|i| keyed(i, true)).collect();
+    let last_of_each_key: Vec<Incoming> =
+        (77_500..79_000).map(|i| keyed(&buffer, i, true)).collect();
     let again = buffer.append(last_of_each_key).await.unwrap();
     assert!(again.iter().all(|o| *o == Outcome::Duplicate), "{again:?}");
     // The groups after the pass delete the entries it superseded, a few
@@ -1084,11 +1108,17 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
     let (buffer, _) = Buffer::open(options(dir.path())).unwrap();
     // The last fingerprint of a key, from before and after the snapshot.
     for last in [59_000u32, 59_999, 83_000, 83_999] {
-        let again = buffer.append(vec![keyed(last, true)]).await.unwrap();
+        let again = buffer
+            .append(vec![keyed(&buffer, last, true)])
+            .await
+            .unwrap();
         assert_eq!(again, [Outcome::Duplicate], "{last}");
     }
     // An older fingerprint of the same key is a new message.
-    let older = buffer.append(vec![keyed(57_499, true)]).await.unwrap();
+    let older = buffer
+        .append(vec![keyed(&buffer, 57_499, true)])
+        .await
+        .unwrap();
     assert_eq!(stored(&older).len(), 1);
     assert_eq!(buffer.stats().duplicates_total, 4);
 }
@@ -1099,10 +1129,11 @@ async fn the_dedupe_memory_survives_snapshots_and_stays_small() {
 #[tokio::test]
 async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let keyed = |pkid: u16, message: u32, redelivery: bool| {
+    let keyed = |buffer: &Buffer, pkid: u16, message: u32, redelivery: bool| {
         let mut incoming = record("d", &message.to_be_bytes());
         incoming.dedupe = Some(DedupeKey {
-            key: [&b"broker-a/"[..], &pkid.to_be_bytes()].concat(),
+            scope: buffer.dedupe_scope("broker-a/"),
+            id: pkid,
             fingerprint: [message.to_be_bytes(); 4].concat().try_into().unwrap(),
             redelivery,
             earlier_fingerprint: None,
@@ -1117,7 +1148,7 @@ async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
             .append(
                 chunk
                     .iter()
-                    .map(|&m| keyed(pkid(m), m, false))
+                    .map(|&m| keyed(&buffer, pkid(m), m, false))
                     .collect::<AppendBatch>(),
             )
             .await
@@ -1131,7 +1162,7 @@ async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
     // Messages 0..=4,464 had their ids reused by 65,535..=69,999.
     for message in [4_465u32, 30_000, 65_534, 65_535, 69_999] {
         let again = buffer
-            .append(vec![keyed(pkid(message), message, true)])
+            .append(vec![keyed(&buffer, pkid(message), message, true)])
             .await
             .unwrap();
         assert_eq!(again, [Outcome::Duplicate], "message {message}");
@@ -1139,7 +1170,7 @@ async fn every_packet_id_of_a_source_is_remembered_across_a_restart() {
     // An earlier message on a reused id is not the one remembered.
     for message in [0u32, 4_464] {
         let earlier = buffer
-            .append(vec![keyed(pkid(message), message, true)])
+            .append(vec![keyed(&buffer, pkid(message), message, true)])
             .await
             .unwrap();
         assert_eq!(stored(&earlier).len(), 1, "message {message}");
@@ -1161,7 +1192,8 @@ async fn a_large_group_is_stored_in_the_log_without_blob_files() {
         .map(|i| {
             let mut incoming = record("d1", &[i.to_be_bytes(); 25].concat());
             incoming.dedupe = Some(DedupeKey {
-                key: [&b"broker-a/"[..], &(i as u16 + 1).to_be_bytes()].concat(),
+                scope: buffer.dedupe_scope("broker-a/"),
+                id: i as u16 + 1,
                 fingerprint: [i.to_be_bytes(); 4].concat().try_into().unwrap(),
                 redelivery: false,
                 earlier_fingerprint: None,
@@ -1187,7 +1219,8 @@ async fn a_large_group_is_stored_in_the_log_without_blob_files() {
     for i in [0u32, 4_000, 8_191] {
         let mut again = record("d1", &[i.to_be_bytes(); 25].concat());
         again.dedupe = Some(DedupeKey {
-            key: [&b"broker-a/"[..], &(i as u16 + 1).to_be_bytes()].concat(),
+            scope: buffer.dedupe_scope("broker-a/"),
+            id: i as u16 + 1,
             fingerprint: [i.to_be_bytes(); 4].concat().try_into().unwrap(),
             redelivery: true,
             earlier_fingerprint: None,

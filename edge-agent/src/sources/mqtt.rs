@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgefleet_buffer::{AppendBatch, DeadLetter, DedupeKey, Outcome};
+use edgefleet_buffer::{AppendBatch, DeadLetter, DedupeKey, DedupeScope, Outcome};
 use edgefleet_config::{MqttSource as MqttConfig, PayloadFormat};
 use edgefleet_proto::RecordWriter;
 use futures::future::BoxFuture;
@@ -473,6 +473,9 @@ async fn process(
     routes: Arc<Vec<Route>>,
     name: String,
 ) {
+    // The keys' bytes on disk, as every version of the source wrote them:
+    // the source's name, `/`, the packet id.
+    let scope = ctx.buffer.dedupe_scope(format!("{name}/"));
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut deliveries = Vec::new();
     let mut open = true;
@@ -489,13 +492,19 @@ async fn process(
                     open = false;
                     continue;
                 }
-                pending.push_back(append(&ctx, &routes, &name, std::mem::take(&mut deliveries)));
+                pending.push_back(append(&ctx, &routes, &name, scope, std::mem::take(&mut deliveries)));
             }
         }
     }
 }
 
-fn append(ctx: &SourceContext, routes: &[Route], name: &str, deliveries: Vec<Delivery>) -> Pending {
+fn append(
+    ctx: &SourceContext,
+    routes: &[Route],
+    name: &str,
+    scope: DedupeScope,
+    deliveries: Vec<Delivery>,
+) -> Pending {
     // `None` marks a message that did not decode: it is dead-lettered and
     // acknowledged in its turn, and never blocks the ones behind it.
     let mut slots = Vec::with_capacity(deliveries.len());
@@ -510,7 +519,8 @@ fn append(ctx: &SourceContext, routes: &[Route], name: &str, deliveries: Vec<Del
             Ok(()) => {
                 if publish.qos != QoS::AtMostOnce {
                     batch.dedupe_last(DedupeKey {
-                        key: [name.as_bytes(), b"/", &publish.pkid.to_be_bytes()].concat(),
+                        scope,
+                        id: publish.pkid,
                         fingerprint: fingerprinter.of(&publish.topic, &publish.payload),
                         earlier_fingerprint: publish
                             .dup
