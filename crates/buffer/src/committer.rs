@@ -125,7 +125,6 @@ pub(crate) struct Committer {
     lens: Vec<usize>,
     /// The last fingerprint per dedupe key, as committed ([`DedupeLog`]).
     dedupe: DedupeMemory,
-    scopes: Arc<ScopeNames>,
     dedupe_log: DedupeLog,
     /// The last group's dedupe map, emptied: a group fills one as large as
     /// the last, and growing it from nothing each time was a rehash per
@@ -297,7 +296,6 @@ impl Committer {
             sealer: segment::Sealer::default(),
             lens: Vec::new(),
             dedupe,
-            scopes,
             dedupe_log,
             spare_dedupe: HashMap::default(),
         }
@@ -430,9 +428,10 @@ impl Committer {
             options,
             levels_tx,
             counters,
-            scopes,
+            dedupe,
             ..
         } = self;
+        let scopes = dedupe.scope_names().clone();
         // sled admits one opening of a directory: every handle must go.
         drop(tree);
         drop(disk);

@@ -246,18 +246,28 @@ impl DedupeMemory {
         }
         let scope = scope.number as usize;
         if scope >= self.scopes.len() {
-            let known = self.scopes.len();
-            self.scopes.extend(
-                self.names
-                    .names_from(known)
-                    .into_iter()
-                    .map(|name| ScopeIds {
-                        name,
-                        ids: Scope::Sparse(HashMap::default()),
-                    }),
-            );
+            self.learn_names();
         }
         scope < self.scopes.len()
+    }
+
+    /// Takes in the scopes named since the last call.
+    fn learn_names(&mut self) {
+        let known = self.scopes.len();
+        self.scopes.extend(
+            self.names
+                .names_from(known)
+                .into_iter()
+                .map(|name| ScopeIds {
+                    name,
+                    ids: Scope::Sparse(HashMap::default()),
+                }),
+        );
+    }
+
+    /// The names these scopes are numbered by.
+    pub fn scope_names(&self) -> &Arc<ScopeNames> {
+        &self.names
     }
 
     /// The name of a scope [`Self::knows`].
@@ -288,19 +298,11 @@ impl DedupeMemory {
         let Some((name, id)) = split(key) else {
             return false;
         };
-        let scope = crate::DedupeScope {
-            names: self.names.id(),
-            number: self.names.number(name),
-        };
-        let known = self.knows(scope);
-        debug_assert!(known, "a scope named here is known");
-        self.insert(
-            DedupeId {
-                scope: scope.number,
-                id,
-            },
-            fingerprint,
-        );
+        let scope = self.names.number(name);
+        if scope as usize >= self.scopes.len() {
+            self.learn_names();
+        }
+        self.insert(DedupeId { scope, id }, fingerprint);
         true
     }
 
