@@ -1613,3 +1613,126 @@ async fn a_format_2_buffer_is_sent_whole_and_then_marked_format_3() {
         &3u64.to_be_bytes()
     );
 }
+
+/// A tmpfs of `bytes` mounted at `dir` until dropped: a real file system
+/// that runs out of space. Mounting needs root, as CI runs; elsewhere the
+/// test fails and says why rather than passing without having run.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, bytes: u64) -> Tmpfs {
+        let output = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes}"),
+                "edgefleet-test",
+            ])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            output.status.success(),
+            "cannot mount a tmpfs at {} (this test of a full disk needs root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Takes all the space left on the file system at `dir` in one file.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    loop {
+        match file.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // Whatever a partial write left: not one more byte fits.
+    while file.write(&[0xa5]).is_ok_and(|n| n == 1) {}
+    path
+}
+
+/// After a write fails (a full disk), sled refuses everything until the
+/// database is opened again, which the committer does on its own. A source
+/// names its scope once, at start, and keeps it: its redeliveries of
+/// messages stored before the failure must still be recognised by the
+/// reopened committer, or each would be stored a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_named_before_a_failed_write_still_deduplicates_after_the_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let _disk = Tmpfs::mount(dir.path(), 16 << 20);
+    let (buffer, _) = Buffer::open(options(&dir.path().join("buffer"))).unwrap();
+    let scope = buffer.dedupe_scope("broker-a/");
+    let keyed = |id: u16, payload: &[u8], redelivery: bool| {
+        let mut incoming = record("d", payload);
+        incoming.dedupe = Some(DedupeKey {
+            scope,
+            id,
+            fingerprint: [payload[0]; 16],
+            redelivery,
+            earlier_fingerprint: None,
+        });
+        incoming
+    };
+    let first = buffer.append(vec![keyed(7, b"a", false)]).await.unwrap();
+    assert_eq!(first, [Outcome::Stored(1)]);
+
+    let filler = fill(dir.path());
+    let mut failed = None;
+    for _ in 0..100 {
+        let group = (0..10)
+            .map(|_| record("d", &noise(600)))
+            .collect::<AppendBatch>();
+        if let Err(e) = buffer.append(group).await {
+            failed = Some(e);
+            break;
+        }
+    }
+    assert!(
+        matches!(failed, Some(BufferError::WriteFailed(_))),
+        "no append failed on a full disk: {failed:?}"
+    );
+    std::fs::remove_file(filler).unwrap();
+
+    // The committer reopens the database about a second after the failure;
+    // appends meanwhile are refused, and a source retries them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        match buffer.append(vec![keyed(7, b"a", true)]).await {
+            Ok(outcomes) => break outcomes,
+            Err(BufferError::WriteFailed(_)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the buffer was not usable again: {e}"),
+        }
+    };
+    assert_eq!(again, [Outcome::Duplicate]);
+    // The same scope goes on working for new messages.
+    let next = buffer.append(vec![keyed(8, b"b", false)]).await.unwrap();
+    assert!(matches!(next[..], [Outcome::Stored(_)]), "{next:?}");
+    let redelivered = buffer.append(vec![keyed(8, b"b", true)]).await.unwrap();
+    assert_eq!(redelivered, [Outcome::Duplicate]);
+    let read = buffer.read_from(1, 1, 1 << 20).unwrap();
+    assert_eq!(
+        read[0].seq, 1,
+        "the record stored before the failure is kept"
+    );
+    assert_eq!(buffer.stats().duplicates_total, 2);
+}
