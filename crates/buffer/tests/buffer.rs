@@ -9,6 +9,12 @@ use edgefleet_buffer::{
 use edgefleet_proto::batch_zstd::BatchCompressor;
 use edgefleet_proto::{RawPayload, Record};
 
+// The cross-process tests' tmpfs, compiled in here: this crate cannot
+// depend on theirs, which depends on it.
+#[path = "../../../tests/src/small_disk.rs"]
+mod small_disk;
+use small_disk::SmallDisk;
+
 fn record(device: &str, payload: &[u8]) -> Incoming {
     Record {
         seq: 0,
@@ -1614,61 +1620,6 @@ async fn a_format_2_buffer_is_sent_whole_and_then_marked_format_3() {
     );
 }
 
-/// A tmpfs of `bytes` mounted at `dir` until dropped: a real file system
-/// that runs out of space. Mounting needs root, as CI runs; elsewhere the
-/// test fails and says why rather than passing without having run.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, bytes: u64) -> Tmpfs {
-        let output = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={bytes}"),
-                "edgefleet-test",
-            ])
-            .arg(dir)
-            .output()
-            .expect("running mount");
-        assert!(
-            output.status.success(),
-            "cannot mount a tmpfs at {} (this test of a full disk needs root): {}",
-            dir.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// Takes all the space left on the file system at `dir` in one file.
-fn fill(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::io::Write;
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0xa5u8; 64 * 1024];
-    loop {
-        match file.write_all(&chunk) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-            Err(e) => panic!("filling {}: {e}", path.display()),
-        }
-    }
-    // Whatever a partial write left: not one more byte fits.
-    while file.write(&[0xa5]).is_ok_and(|n| n == 1) {}
-    path
-}
-
 /// After a write fails (a full disk), sled refuses everything until the
 /// database is opened again, which the committer does on its own. A source
 /// names its scope once, at start, and keeps it: its redeliveries of
@@ -1677,7 +1628,7 @@ fn fill(dir: &std::path::Path) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scope_named_before_a_failed_write_still_deduplicates_after_the_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let _disk = Tmpfs::mount(dir.path(), 16 << 20);
+    let disk = SmallDisk::mount(dir.path(), 16 << 20).unwrap();
     let (buffer, _) = Buffer::open(options(&dir.path().join("buffer"))).unwrap();
     let scope = buffer.dedupe_scope("broker-a/");
     let keyed = |id: u16, payload: &[u8], redelivery: bool| {
@@ -1694,7 +1645,7 @@ async fn a_scope_named_before_a_failed_write_still_deduplicates_after_the_reopen
     let first = buffer.append(vec![keyed(7, b"a", false)]).await.unwrap();
     assert_eq!(first, [Outcome::Stored(1)]);
 
-    let filler = fill(dir.path());
+    disk.fill(0).unwrap();
     let mut failed = None;
     for _ in 0..100 {
         let group = (0..10)
@@ -1709,7 +1660,7 @@ async fn a_scope_named_before_a_failed_write_still_deduplicates_after_the_reopen
         matches!(failed, Some(BufferError::WriteFailed(_))),
         "no append failed on a full disk: {failed:?}"
     );
-    std::fs::remove_file(filler).unwrap();
+    disk.free().unwrap();
 
     // The committer reopens the database about a second after the failure;
     // appends meanwhile are refused, and a source retries them.
