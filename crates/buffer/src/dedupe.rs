@@ -241,14 +241,17 @@ impl DedupeMemory {
     /// since the last call: a key of a scope of another buffer cannot be
     /// remembered.
     pub fn knows(&mut self, scope: crate::DedupeScope) -> bool {
-        if scope.names != self.names.id() {
-            return false;
-        }
-        let scope = scope.number as usize;
-        if scope >= self.scopes.len() {
+        scope.names == self.names.id() && self.has_number(scope.number)
+    }
+
+    /// Whether a scope numbered `number` has its place here, taking in the
+    /// scopes named since the last call when it is past them.
+    fn has_number(&mut self, number: u32) -> bool {
+        let number = number as usize;
+        if number >= self.scopes.len() {
             self.learn_names();
         }
-        scope < self.scopes.len()
+        number < self.scopes.len()
     }
 
     /// Takes in the scopes named since the last call.
@@ -299,9 +302,9 @@ impl DedupeMemory {
             return false;
         };
         let scope = self.names.number(name);
-        if scope as usize >= self.scopes.len() {
-            self.learn_names();
-        }
+        // Numbered just now by these names, so never past them once taken in.
+        let known = self.has_number(scope);
+        debug_assert!(known);
         self.insert(DedupeId { scope, id }, fingerprint);
         true
     }
